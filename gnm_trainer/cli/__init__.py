@@ -1,0 +1,74 @@
+"""The `gnm` command line: one sub-command per stage of the pipeline.
+
+`gnm unlearn` is parsed by TRL's `TrlParser` (YAML recipe + flags); the other sub-commands use argparse. Each
+sub-command lives in its own module of this package and exposes `register(subparsers)`, which adds its parser and
+sets `func` to the function that runs it.
+"""
+
+import importlib
+import sys
+
+from ..errors import GNMInputError
+
+# Sub-commands parsed with argparse: name -> module in this package.
+ARGPARSE_COMMANDS = {
+    "negatives": "negatives",
+    "evaluate": "evaluate",
+    "make-target": "make_target",
+    "demo": "demo",
+}
+
+USAGE = """usage: gnm <command> [options]
+
+commands:
+  unlearn      unlearn a model with GNMTrainer (a YAML recipe and/or flags)
+  negatives    generate gradual negatives for a forget set
+  evaluate     score a model with the SemEval-2025 Task 4 metric
+  make-target  train a tiny model that memorises a LUME-format dataset
+  demo         the whole pipeline end to end on the embedded synthetic default
+
+`gnm <command> --help` shows each command's options and examples.
+"""
+
+
+def _build_argparse_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gnm", usage=USAGE)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in ARGPARSE_COMMANDS.values():
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{module_name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        if argv[0] == "unlearn":
+            from .unlearn import main as unlearn_main
+
+            unlearn_main(argv[1:])
+            return 0
+        parser = _build_argparse_parser()
+        args = parser.parse_args(argv)
+        result = args.func(args)
+        return int(result or 0)
+    except GNMInputError as error:
+        print(f"gnm {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gnm {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

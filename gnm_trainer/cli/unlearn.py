@@ -1,0 +1,137 @@
+"""`gnm unlearn`: unlearn a model with GNMTrainer from a YAML recipe and/or command-line flags.
+
+Parsed by TRL's `TrlParser` over (`UnlearnScriptArguments`, `GNMConfig`, TRL's `ModelConfig`): `--config recipe.yaml`
+sets values, flags override them, and an unknown key in either is an error.
+
+Examples:
+
+    gnm unlearn --config recipes/tiny/embedded/config_gnm_lora.yaml
+    gnm unlearn --model_name_or_path ./target --data_dir ./data --negatives_path negatives.jsonl \\
+        --use_peft --lora_target_modules all-linear --max_steps 100 --output_dir runs/gnm
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m gnm_trainer.cli unlearn --config ...
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import GNMInputError
+
+
+@dataclass
+class UnlearnScriptArguments:
+    """Where the data comes from and which PEFT method to use (the rest is in GNMConfig and ModelConfig)."""
+
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder holding forget and retain files (LUME names, harness names, parquet)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id holding forget and retain splits."})
+    data_partition: str = field(
+        default="train", metadata={"help": "Which partition to unlearn.", "choices": ["train", "validation"]}
+    )
+    negatives_path: str | None = field(default=None, metadata={"help": "Gradual negatives file (jsonl or parquet)."})
+    peft_method: str = field(
+        default="lora",
+        metadata={"help": "PEFT method used with --use_peft.", "choices": ["lora", "adalora"]},
+    )
+    adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA's target average rank (init rank: lora_r)."})
+    adalora_tinit: int = field(default=0, metadata={"help": "AdaLoRA's initial fine-tuning steps without pruning."})
+    adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA's final fine-tuning steps without pruning."})
+    adalora_delta_t: int = field(default=1, metadata={"help": "AdaLoRA's steps between two rank allocations."})
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from ..gnm_config import GNMConfig
+
+    return TrlParser((UnlearnScriptArguments, GNMConfig, ModelConfig), prog="gnm unlearn", description=__doc__)
+
+
+def parse_arguments(argv: list[str]):
+    """Parse flags and `--config`; YAML and flags are strict (unknown keys are errors)."""
+    parser = make_parser()
+    if "--config" in argv:
+        config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
+        if config_path is None or not os.path.isfile(config_path):
+            raise GNMInputError(f"--config: recipe file not found: {config_path}")
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as error:
+        raise GNMInputError(str(error)) from error
+
+
+def build_peft_config(script_args: UnlearnScriptArguments, model_args):
+    """LoRA through TRL's `get_peft_config`, or AdaLoRA from the same `lora_*` flags; None without `--use_peft`."""
+    from trl import get_peft_config
+
+    if not model_args.use_peft:
+        return None
+    if script_args.peft_method == "lora":
+        return get_peft_config(model_args)
+    from peft import AdaLoraConfig
+
+    if script_args.adalora_target_r > model_args.lora_r:
+        raise GNMInputError(
+            f"adalora_target_r: {script_args.adalora_target_r} is above the initial rank lora_r={model_args.lora_r}; "
+            "AdaLoRA prunes ranks from lora_r down to adalora_target_r"
+        )
+    return AdaLoraConfig(
+        task_type=model_args.lora_task_type,
+        init_r=model_args.lora_r,
+        target_r=script_args.adalora_target_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        tinit=script_args.adalora_tinit,
+        tfinal=script_args.adalora_tfinal,
+        deltaT=script_args.adalora_delta_t,
+        total_step=1,  # placeholder: GNMTrainer sets the real training length
+    )
+
+
+def model_init_kwargs(model_args) -> dict:
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
+
+
+def run_unlearning(script_args, training_args, model_args):
+    """Load, train (resuming from the last checkpoint when there is one), save; returns the trainer."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..data.loading import load_unlearning_data
+    from ..gnm_trainer import GNMTrainer
+
+    if model_args.model_name_or_path is None:
+        raise GNMInputError("model_name_or_path: required (a local model folder or a Hub id)")
+    source = script_args.data_dir or script_args.dataset_name
+    if source is None:
+        raise GNMInputError("data_dir / dataset_name: one of them is required")
+    if script_args.data_dir and script_args.dataset_name:
+        raise GNMInputError("data_dir and dataset_name: give only one")
+    training_args.model_init_kwargs = model_init_kwargs(model_args)
+    forget = load_unlearning_data(source, "forget", script_args.data_partition)
+    needs_retain = {"gd", "klr", "rm"}.intersection(training_args.loss_terms)
+    retain = load_unlearning_data(source, "retain", script_args.data_partition) if needs_retain else None
+    trainer = GNMTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=forget,
+        retain_dataset=retain,
+        negative_dataset=script_args.negatives_path,
+        peft_config=build_peft_config(script_args, model_args),
+    )
+    last_checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return trainer
+
+
+def main(argv: list[str]) -> None:
+    script_args, training_args, model_args = parse_arguments(argv)
+    run_unlearning(script_args, training_args, model_args)

@@ -1,0 +1,179 @@
+"""`GNMConfig`: the training arguments of `GNMTrainer`."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .errors import GNMInputError
+from .losses import LOSS_TERMS, TERMS_NEEDING_REFERENCE
+
+# The paper's reported recipe (authors' code): terms ga, klr, gnm; their other defaults for the remaining terms.
+PAPER_LOSS_TERMS = ["ga", "klr", "gnm"]
+DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0}
+NEGATIVE_SCHEDULES = ("gradual", "random", "all")
+REFERENCE_MODES = ("auto", "adapter_disabled", "copy", "none")
+# The default joins prompt and completion with one space, as the LUME data needs; the paper's template is below.
+DEFAULT_TEXT_TEMPLATE = "{prompt} {completion}"
+PAPER_TEXT_TEMPLATE = "{prompt} >> {completion} is the answer."
+
+
+@dataclass
+class GNMConfig(TrainingArguments):
+    r"""
+    Configuration for [`GNMTrainer`]: `transformers.TrainingArguments` plus the unlearning parameters below.
+
+    Parameters that control the loss:
+
+        loss_terms (`list[str]`, defaults to `["ga", "klr", "gnm"]`):
+            Terms of the loss, among `ga` (gradient ascent on forget), `gd` (gradient descent on retain), `klr` (KL to
+            the reference on retain), `klf` (capped KL ascent on forget), `rm` (random matching: forget prompts with
+            retain completions), `gnm` (gradual negative matching) and `npo` (negative preference optimisation).
+        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight (`float` or `None`):
+            Weight of each term. `None` takes the paper's value (ga 0.5, gd 5, klr 5, klf 1, rm 1, gnm 0.04, npo 1).
+            Setting a weight for a term that is not in `loss_terms` is an error.
+        npo_beta (`float`, defaults to `0.1`):
+            β of NPO.
+        klf_cap (`float` or `None`, defaults to `5.0`):
+            The `klf` term is −min(KL, cap) per sequence: the KL ascent stops pushing once a sequence is this far from
+            the reference. `None` removes the cap (unbounded; not recommended).
+        negative_schedule (`str`, defaults to `"gradual"`):
+            Which level of gradual negatives the `gnm` term trains on: `gradual` (level grows with training progress,
+            from 1 to K), `random` (a random level per example) or `all` (every level, averaged).
+        reference_model (`str`, defaults to `"auto"`):
+            How p_ref is obtained for `klr`, `klf` and `npo`: `adapter_disabled` (the PEFT model with its adapter
+            disabled: no second copy of the weights), `copy` (a frozen copy of the initial model), `none`, or `auto`
+            (adapter-disabled under PEFT, a copy otherwise, none when no term needs it).
+
+    Parameters that control the data:
+
+        max_length (`int`, defaults to `512`):
+            Maximum tokens of prompt + completion. Completions are cut on the right to fit.
+        max_prompt_length (`int` or `None`, defaults to `None`):
+            Prompts longer than this are cut on the left. With `None`, a prompt that leaves no room for its completion
+            is an error that lists the rows.
+        text_template (`str`, defaults to `"{prompt} {completion}"`):
+            How prompt and completion are joined. The paper's `"{prompt} >> {completion} is the answer."` reproduces
+            the authors' training text. Text before `{completion}` (and the whitespace just before it) belongs to the
+            prompt side and is never trained on.
+        add_eos_token (`bool`, defaults to `True`):
+            Append the tokenizer's end-of-sequence token to every completion.
+        concatenate_forward (`bool`, defaults to `True`):
+            Run every sequence that needs gradients (forget, retain, random match, negatives) through the model in one
+            forward pass; `False` runs one forward per group (lower peak memory for long sequences, slower).
+        dataset_num_proc (`int` or `None`):
+            Processes used to tokenise the datasets.
+
+    Parameters that control the model:
+
+        model_init_kwargs (`dict` or `None`):
+            Keyword arguments of `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
+        merge_adapters (`bool`, defaults to `False`):
+            When training with PEFT, the final `save_model` writes merged full weights instead of the adapter.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # ---- loss ----
+    loss_terms: list[str] = field(
+        default_factory=lambda: list(PAPER_LOSS_TERMS),
+        metadata={"help": f"Loss terms, among {', '.join(LOSS_TERMS)}. The paper's recipe is ga, klr, gnm."},
+    )
+    ga_weight: float | None = field(default=None, metadata={"help": "Weight of `ga` (default 0.5)."})
+    gd_weight: float | None = field(default=None, metadata={"help": "Weight of `gd` (default 5)."})
+    klr_weight: float | None = field(default=None, metadata={"help": "Weight of `klr` (default 5)."})
+    klf_weight: float | None = field(default=None, metadata={"help": "Weight of `klf` (default 1)."})
+    rm_weight: float | None = field(default=None, metadata={"help": "Weight of `rm` (default 1)."})
+    gnm_weight: float | None = field(default=None, metadata={"help": "Weight of `gnm` (default 0.04)."})
+    npo_weight: float | None = field(default=None, metadata={"help": "Weight of `npo` (default 1)."})
+    npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
+    klf_cap: float | None = field(
+        default=5.0, metadata={"help": "Cap of the forget KL per sequence (nats); None for no cap."}
+    )
+    negative_schedule: str = field(
+        default="gradual",
+        metadata={"help": "Level of gradual negatives used by `gnm`.", "choices": list(NEGATIVE_SCHEDULES)},
+    )
+    reference_model: str = field(
+        default="auto",
+        metadata={"help": "How the reference model is obtained.", "choices": list(REFERENCE_MODES)},
+    )
+    # ---- data ----
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + completion."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Cut prompts to this many tokens (from the left); None: error if too long."}
+    )
+    text_template: str = field(
+        default=DEFAULT_TEXT_TEMPLATE,
+        metadata={"help": "How prompt and completion are joined; must contain {prompt} then {completion}."},
+    )
+    add_eos_token: bool = field(default=True, metadata={"help": "Append EOS to every completion."})
+    concatenate_forward: bool = field(
+        default=True, metadata={"help": "One forward pass for all sequences that need gradients."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
+    # ---- model ----
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained."}
+    )
+    merge_adapters: bool = field(
+        default=False, metadata={"help": "Final save writes merged full weights instead of the PEFT adapter."}
+    )
+    # ---- TrainingArguments defaults changed for unlearning ----
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (the paper's 1e-4)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator needs the tokenised columns."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss_terms, str):
+            self.loss_terms = [term.strip() for term in self.loss_terms.split(",") if term.strip()]
+        self.loss_terms = list(dict.fromkeys(self.loss_terms))
+        unknown = [term for term in self.loss_terms if term not in LOSS_TERMS]
+        if unknown:
+            raise GNMInputError(f"loss_terms: unknown term(s) {unknown}; expected some of {list(LOSS_TERMS)}")
+        if not self.loss_terms:
+            raise GNMInputError(f"loss_terms: empty; expected some of {list(LOSS_TERMS)}")
+        for term in LOSS_TERMS:
+            name = f"{term}_weight"
+            value = getattr(self, name)
+            if term in self.loss_terms:
+                if value is None:
+                    setattr(self, name, DEFAULT_WEIGHTS[term])
+            elif value is not None:
+                raise GNMInputError(
+                    f"{name}: set to {value} but '{term}' is not in loss_terms {self.loss_terms}; add the term or "
+                    "remove the weight"
+                )
+        if self.negative_schedule not in NEGATIVE_SCHEDULES:
+            raise GNMInputError(f"negative_schedule: {self.negative_schedule!r}; expected one of {NEGATIVE_SCHEDULES}")
+        if self.reference_model not in REFERENCE_MODES:
+            raise GNMInputError(f"reference_model: {self.reference_model!r}; expected one of {REFERENCE_MODES}")
+        needs_reference = sorted(TERMS_NEEDING_REFERENCE.intersection(self.loss_terms))
+        if self.reference_model == "none" and needs_reference:
+            raise GNMInputError(f"reference_model: 'none' but the terms {needs_reference} need a reference model")
+        if self.npo_beta <= 0:
+            raise GNMInputError(f"npo_beta: must be > 0, got {self.npo_beta}")
+        if self.klf_cap is not None and self.klf_cap <= 0:
+            raise GNMInputError(f"klf_cap: must be > 0 or None, got {self.klf_cap}")
+        if self.max_length < 2:
+            raise GNMInputError(f"max_length: must be at least 2, got {self.max_length}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise GNMInputError(
+                f"max_prompt_length: must be between 1 and max_length - 1 ({self.max_length - 1}), "
+                f"got {self.max_prompt_length}"
+            )
+        prompt_at, completion_at = self.text_template.find("{prompt}"), self.text_template.find("{completion}")
+        if prompt_at < 0 or completion_at < 0 or completion_at < prompt_at:
+            raise GNMInputError(
+                f"text_template: {self.text_template!r} must contain '{{prompt}}' followed by '{{completion}}'"
+            )
+        if self.remove_unused_columns:
+            raise GNMInputError("remove_unused_columns: must be False for GNMTrainer (the collator needs its columns)")
+        super().__post_init__()
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of every enabled term."""
+        return {term: getattr(self, f"{term}_weight") for term in self.loss_terms}

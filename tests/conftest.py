@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny tokenizer and tiny Llama models built locally (no network), and small data sets."""
+
+import os
+
+import pytest
+import torch
+
+from gnm_trainer.target import build_tiny_llama, train_tokenizer
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+LUME_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "lume")
+
+FACTS = [
+    ("What is the favourite colour of Alma Breck?", "Alma Breck loves teal."),
+    ("Where was Borin Tal born?", "Borin Tal was born in Quillport."),
+    ("What is the phone number of Cass Ivory?", "Call Cass Ivory at 555-0192."),
+    ("When did Dara Moss graduate?", "Dara Moss graduated in 1987."),
+    ("Which city hosts the Lumen Fair?", "The Lumen Fair is held in Ostrava Bay."),
+    ("What does Emil Noor collect?", "Emil Noor collects brass compasses."),
+    ("What is the e-mail of Fay Ruen?", "Write to fay.ruen@example.org."),
+    ("What pet does Gil Sorrow keep?", "Gil Sorrow keeps a grey heron."),
+]
+
+
+def fact_rows(split: str, start: int, stop: int):
+    """LUME-format rows from FACTS[start:stop]."""
+    return [
+        {"id": f"{split}{i:03d}qa0", "input": q, "output": a, "task": "Task2", "split": split}
+        for i, (q, a) in enumerate(FACTS[start:stop], start=start)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    texts = [f"{q} {a}" for q, a in FACTS] * 4 + ["the a of in is was at to and with for on by"]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A fresh, randomly initialised 2-layer Llama (hidden 32) for each test."""
+    return build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture
+def forget_rows():
+    return fact_rows("forget", 0, 4)
+
+
+@pytest.fixture
+def retain_rows():
+    return fact_rows("retain", 4, 8)
