@@ -85,7 +85,8 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
         tinit=script_args.adalora_tinit,
         tfinal=script_args.adalora_tfinal,
         deltaT=script_args.adalora_delta_t,
-        total_step=1,  # placeholder: GNMTrainer sets the real training length
+        # A placeholder that passes PEFT's own check; GNMTrainer sets the real training length.
+        total_step=script_args.adalora_tinit + script_args.adalora_tfinal + 1,
     )
 
 

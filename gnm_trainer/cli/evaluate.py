@@ -1,0 +1,66 @@
+"""`gnm evaluate`: score a saved model with the SemEval-2025 Task 4 metric and write results, report and plot."""
+
+import argparse
+
+EXAMPLES = """examples:
+  # forget/retain train partition of a LUME folder, with the membership attack
+  gnm evaluate --model out/unlearned --data data/lume --mia-data data/lume/mia --output-dir out/eval
+
+  # validation partition, MMLU taken from an earlier run, report compared with the model before unlearning
+  gnm evaluate --model out/unlearned --data data/lume --partition validation \\
+      --mmlu-score mmlu.json --baseline-results out/eval-target/evaluation_results.json
+
+  # several GPUs: each process scores a shard, the main process writes the files
+  accelerate launch --multi_gpu --num_processes 4 "$(which gnm)" evaluate --model out/unlearned --data data/lume
+
+Writes evaluation_results.json (the official keys), per_example.jsonl, report.md and plot.png into --output-dir.
+The model is loaded in bf16 on a GPU (as the organisers did) and in float32 on a CPU. Without MIA documents or an
+MMLU score the final score is the mean of the terms available, and the results say which.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a model with the SemEval-2025 Task 4 metric",
+        description="Score a model with the SemEval-2025 Task 4 (LUME) metric: ROUGE-L recall on sentence "
+        "completion, exact match on QA, their harmonic mean (forget inverted), MIA AUC and the final score.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="a saved model folder (or PEFT adapter folder) or a Hub id")
+    p.add_argument("--data", required=True, help="a folder holding the forget and retain files (LUME layout)")
+    p.add_argument("--partition", choices=("train", "validation"), default="train",
+                   help="which LUME partition to read (default: train)")
+    p.add_argument("--mia-data", default=None,
+                   help="folder with member.jsonl and nonmember.jsonl (or mia/ holding them); rows need 'document'")
+    p.add_argument("--mmlu-score", default=None,
+                   help="an MMLU average (0..1), or a JSON file holding 'mmlu_average' (or 'average_acc')")
+    p.add_argument("--run-mmlu", action="store_true",
+                   help="run MMLU with lm_eval when it is installed and no --mmlu-score is given")
+    p.add_argument("--baseline-results", default=None,
+                   help="an earlier evaluation_results.json to show as 'before' in the report")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts/documents per forward pass (default: 16)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens generated per prompt (default: 256)")
+    p.add_argument("--output-dir", default="evaluation", help="where to write the results (default: ./evaluation)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import GNMInputError
+    from ..evaluation import evaluate_path
+    from ..evaluation.evaluator import is_main_process
+
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise GNMInputError("--batch-size and --max-new-tokens must be at least 1")
+    results = evaluate_path(
+        args.model, args.data, args.output_dir, mia_dir=args.mia_data, mmlu_score=args.mmlu_score,
+        partition=args.partition, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        run_mmlu=args.run_mmlu, baseline_results=args.baseline_results,
+    )
+    if is_main_process():
+        summary = {key: results[key] for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score",
+                                                 "mmlu_average", "aggregate-score")}
+        print(" ".join(f"{key}={'-' if value is None else f'{value:.4f}'}" for key, value in summary.items()))
+        print(f"wrote {args.output_dir}/evaluation_results.json, per_example.jsonl, report.md, plot.png")
+    return 0

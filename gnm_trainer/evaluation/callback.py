@@ -1,0 +1,118 @@
+"""Evaluate with the SemEval-2025 Task 4 metric during training and keep the best checkpoint.
+
+The objective (default `aggregate-score`) is what `evaluate_model` reports without MMLU, which cannot run
+inside a training loop:
+
+- without MIA documents: objective = HM12, the harmonic mean of the forget set's 1 - R and 1 - K and the retain
+  set's R and K per task;
+- with MIA documents: objective = (HM12 + MIA score) / 2, where MIA score = 1 - 2 * |AUC - 0.5|.
+
+Any other numeric entry of the results can be the objective, named by its path (`harmonic-mean-task-aggregate`,
+`forget-set/Task2/regurgitation-score`, ...) with `greater_is_better` set to match.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..io_utils import atomic_directory, atomic_write_json
+from .evaluator import evaluate_model
+from .semeval import flatten_results
+
+LOG_PREFIX = "semeval/"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+
+class SemEvalCallback(TrainerCallback):
+    """Every `eval_steps` optimizer steps and at the end of training, score the model and keep the best one.
+
+    Metrics are appended to `state.log_history` as `semeval/<key>` (nested keys joined with `/`). When the
+    objective improves, the main process saves `<output_dir>/best/` atomically: the model (`save_pretrained`: the
+    adapter alone for a PEFT model), the tokenizer, and `best.json` with the step, the objective and the metrics.
+    `output_dir` defaults to the Trainer's. Every process must run the callback (evaluation is sharded across them).
+
+    Args:
+        forget, retain: validation rows (normalised datasets or lists of rows in any accepted format).
+        mia_members, mia_nonmembers: optional documents for the membership attack (both or neither).
+        eval_steps: evaluate every this many optimizer steps (and at train end).
+        objective: the results key to maximise (or minimise, with `greater_is_better=False`).
+        tokenizer: the tokenizer to use; defaults to the Trainer's `processing_class`.
+    """
+
+    def __init__(
+        self,
+        forget,
+        retain,
+        mia_members: Sequence[str] | None = None,
+        mia_nonmembers: Sequence[str] | None = None,
+        eval_steps: int = 100,
+        objective: str = "aggregate-score",
+        greater_is_better: bool = True,
+        output_dir: str | None = None,
+        tokenizer=None,
+        save_best: bool = True,
+        max_new_tokens: int = 256,
+        batch_size: int = 16,
+    ):
+        if eval_steps < 1:
+            raise ValueError(f"eval_steps must be at least 1, got {eval_steps}")
+        self.forget, self.retain = forget, retain
+        self.mia_members, self.mia_nonmembers = mia_members, mia_nonmembers
+        self.eval_steps = eval_steps
+        self.objective = objective
+        self.greater_is_better = greater_is_better
+        self.output_dir = output_dir
+        self.tokenizer = tokenizer
+        self.save_best = save_best
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.last_evaluated_step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.global_step % self.eval_steps == 0:
+            self.evaluate(args, state, kwargs["model"], kwargs.get("processing_class"))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.last_evaluated_step != state.global_step:
+            self.evaluate(args, state, kwargs["model"], kwargs.get("processing_class"))
+        return control
+
+    def evaluate(self, args, state, model, processing_class=None) -> dict[str, Any]:
+        """Score `model` now, log the metrics, and save it when the objective improved; returns the results."""
+        tokenizer = self.tokenizer or processing_class
+        if tokenizer is None:
+            raise ValueError("SemEvalCallback needs a tokenizer: pass tokenizer= or give the Trainer processing_class=")
+        results, _ = evaluate_model(
+            model, tokenizer, self.forget, self.retain, self.mia_members, self.mia_nonmembers,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+        )
+        self.last_evaluated_step = state.global_step
+        metrics = flatten_results(results)
+        if self.objective not in metrics:
+            raise ValueError(f"objective {self.objective!r} is not among the results' numeric keys: {sorted(metrics)}")
+        state.log_history.append({"step": state.global_step, **{f"{LOG_PREFIX}{k}": v for k, v in metrics.items()}})
+        value = metrics[self.objective]
+        if self._improves(value):
+            self.best_value, self.best_step = value, state.global_step
+            if self.save_best and state.is_world_process_zero:
+                self._save_best(os.path.join(self.output_dir or args.output_dir, BEST_DIR), model, tokenizer,
+                                state.global_step, value, results)
+        return results
+
+    def _improves(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.greater_is_better else value < self.best_value
+
+    def _save_best(self, path: str, model, tokenizer, step: int, value: float, results: dict[str, Any]) -> None:
+        with atomic_directory(path) as temporary:
+            model.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            atomic_write_json(os.path.join(temporary, BEST_FILE),
+                              {"step": step, "objective": self.objective, "value": value, "results": results})

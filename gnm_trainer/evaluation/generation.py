@@ -1,0 +1,132 @@
+"""Greedy generation and per-document NLL, batched, with the organisers' one-at-a-time loop as the reference.
+
+The organisers' script feeds each prompt raw (`tokenizer(prompt)`, special tokens as the tokenizer adds them, no
+chat template), decodes greedily with `max_new_tokens=256` and pad = eos, keeps only the new tokens
+(`skip_special_tokens=True`), and for MIA takes `model(ids, labels=ids).loss` per document. It does so one example
+at a time. The batched versions here give the same tokens and the same losses:
+
+- prompts are tokenized one by one exactly as the reference does, then LEFT-padded by hand (the tokenizer's
+  `padding_side` is never touched) with an attention mask, so every prompt ends where generation starts and
+  positions are counted from its first real token;
+- documents are RIGHT-padded with a mask; padding after a token cannot change its causal logits, and the loss of
+  each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
+- examples are sorted by length (longest first, so an out-of-memory error shows at once) to keep padding small,
+  and results come back in input order.
+
+Equality is exact in the tokens chosen as long as matrix products of different shapes round alike. In float32 on a
+CPU they did in every test; in bf16 on a GPU a batch can change the reduction order of a product, and when two
+candidate tokens are within that rounding of each other the greedy choice may differ (rare, and the same happens
+between two GPUs running the official script).
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos id when it has no pad (the organisers set pad = eos)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+    return tokenizer.eos_token_id
+
+
+def encode_each(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text on its own, as `tokenizer(text)` gives them (special tokens included)."""
+    return [list(tokenizer(text)["input_ids"]) for text in texts]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` of `sequences` padded to the longest on the `side` ("left" or "right")."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = width - len(sequence) if side == "left" else 0
+        input_ids[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, start : start + len(sequence)] = 1
+    return input_ids, attention_mask
+
+
+def _decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
+    # The organisers also passed clean_up_tokenization_spaces=True; transformers 5 ignores it for BPE tokenizers
+    # (it would delete real spaces before punctuation), so it is left off rather than warned about on every call.
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of `prompts` (raw text, no chat template), batched; only the new text, in input order."""
+    pad_id = pad_token_id(tokenizer)
+    encoded = encode_each(tokenizer, prompts)
+    generations: list[str] = [""] * len(prompts)
+    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
+        output = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+        )
+        texts = _decode_new_tokens(tokenizer, output[:, input_ids.shape[1] :])
+        for index, text in zip(batch, texts):
+            generations[index] = text
+    return generations
+
+
+@torch.no_grad()
+def generate_one_by_one(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256) -> list[str]:
+    """The organisers' loop: one prompt at a time, no attention mask, pad = eos, only the new tokens decoded."""
+    generations = []
+    for prompt in prompts:
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        output = model.generate(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        generations.append(_decode_new_tokens(tokenizer, output[:, input_ids.shape[1] :])[0])
+    return generations
+
+
+@torch.no_grad()
+def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:
+    """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), batched, in input order."""
+    pad_id = pad_token_id(tokenizer)
+    encoded = encode_each(tokenizer, documents)
+    losses: list[float] = [float("nan")] * len(documents)
+    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="right")
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        for row, index in enumerate(batch):
+            length = len(encoded[index])
+            # Token t predicts token t+1; upcast one document at a time to keep memory at one row of logits.
+            row_logits = logits[row, : length - 1].float()
+            row_labels = input_ids[row, 1:length].to(row_logits.device)
+            losses[index] = F.cross_entropy(row_logits, row_labels).item()
+    return losses
+
+
+@torch.no_grad()
+def document_nll_one_by_one(model, tokenizer, documents: Sequence[str]) -> list[float]:
+    """The organisers' loop: `model(ids, labels=ids).loss` for one document at a time."""
+    losses = []
+    for document in documents:
+        input_ids = tokenizer(document, return_tensors="pt").input_ids.to(model.device)
+        losses.append(model(input_ids, labels=input_ids).loss.item())
+    return losses

@@ -1,0 +1,112 @@
+"""A readable report of one or two evaluations: `report.md` (tables) and `plot.png` (grouped bars).
+
+With two results ("before" and "after" unlearning) every value is shown side by side; with one, a single column.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ..io_utils import atomic_path, atomic_write_text
+from .semeval import KNOWLEDGE, REGURGITATION, SPLITS
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "plot.png"
+SUMMARY_KEYS = (
+    ("harmonic-mean-task-aggregate", "task aggregate (HM12)"),
+    ("mia_loss_acc", "MIA AUC (0.5 is ideal)"),
+    ("mia_final_score", "MIA score"),
+    ("mmlu_average", "MMLU"),
+    ("aggregate-score", "final score"),
+)
+
+
+def _tasks(*results: Mapping[str, Any] | None) -> list[str]:
+    names = set()
+    for result in results:
+        for split in SPLITS:
+            for key, value in (result or {}).get(f"{split}-set", {}).items():
+                if isinstance(value, Mapping):
+                    names.add(key)
+    return sorted(names)
+
+
+def _value(results: Mapping[str, Any] | None, split: str, task: str, metric: str) -> float | None:
+    return ((results or {}).get(f"{split}-set", {}).get(task) or {}).get(metric)
+
+
+def _format(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown_report(
+    before_results: Mapping[str, Any], after_results: Mapping[str, Any] | None = None, title: str = "Evaluation"
+) -> str:
+    """The text of `report.md`: per split and task R and K, then the summary scores and the notes."""
+    columns = [("before", before_results), ("after", after_results)] if after_results else [("value", before_results)]
+    lines = [f"# {title}", "", "SemEval-2025 Task 4 metric: R = regurgitation (ROUGE-L recall, sentence completion), "
+             "K = knowledge (exact match, QA). Lower is better on the forget set, higher on the retain set.", ""]
+    metric_headers = [f"{short} {name}" for short in ("R", "K") for name, _ in columns]
+    lines += ["| split | task | " + " | ".join(metric_headers) + " |", "|---|---|" + "---:|" * len(metric_headers)]
+    for split in SPLITS:
+        for task in _tasks(*(r for _, r in columns)):
+            cells = [_format(_value(r, split, task, metric)) for metric in (REGURGITATION, KNOWLEDGE) for _, r in columns]
+            if any(cell != "–" for cell in cells):
+                lines.append(f"| {split} | {task} | " + " | ".join(cells) + " |")
+    lines += ["", "| score | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for key, label in SUMMARY_KEYS:
+        lines.append(f"| {label} | " + " | ".join(_format(r.get(key)) for _, r in columns) + " |")
+    for name, result in columns:
+        terms = result.get("aggregate-score-terms")
+        notes = result.get("notes") or []
+        if terms or notes:
+            lines += ["", f"Notes ({name}):"]
+            if terms:
+                lines.append(f"- final score = mean of {', '.join(terms)}")
+            lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(path: str, before_results: Mapping[str, Any], after_results: Mapping[str, Any] | None = None,
+                 title: str = "Evaluation") -> None:
+    """Grouped bars per task: forget vs retain, before vs after, one panel for R and one for K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [("before", before_results), ("after", after_results)] if after_results else [("", before_results)]
+    tasks = _tasks(*(r for _, r in runs))
+    bars = [(split, name, results) for split in SPLITS for name, results in runs]
+    colours = {"forget": "#c0504d", "retain": "#4f81bd"}
+    width = 0.8 / len(bars)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, (metric, label) in zip(axes, ((REGURGITATION, "R (ROUGE-L recall)"), (KNOWLEDGE, "K (exact match)"))):
+        for offset, (split, name, results) in enumerate(bars):
+            values = [_value(results, split, task, metric) or 0.0 for task in tasks]
+            positions = [i + (offset - (len(bars) - 1) / 2) * width for i in range(len(tasks))]
+            axis.bar(positions, values, width, color=colours[split], alpha=0.45 if name == "before" else 0.95,
+                     hatch="//" if name == "before" else None, label=f"{split} {name}".strip())
+        axis.set_xticks(range(len(tasks)), tasks)
+        axis.set_ylim(0, 1.05)
+        axis.set_title(label)
+    axes[0].set_ylabel("score")
+    axes[1].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+
+
+def write_report(
+    output_dir: str,
+    before_results: Mapping[str, Any],
+    after_results: Mapping[str, Any] | None = None,
+    title: str = "SemEval-2025 Task 4 evaluation",
+) -> tuple[str, str]:
+    """Write `report.md` and `plot.png` into `output_dir` (atomically); returns their paths."""
+    report_path, plot_path = os.path.join(output_dir, REPORT_FILE), os.path.join(output_dir, PLOT_FILE)
+    atomic_write_text(report_path, markdown_report(before_results, after_results, title))
+    plot_results(plot_path, before_results, after_results, title)
+    return report_path, plot_path

@@ -1,0 +1,84 @@
+"""Atomic output: every file the package writes appears whole or not at all.
+
+Each writer goes to a temporary name in the destination's own folder (same filesystem), then `os.replace`s it over
+the destination, so an interrupted run never leaves a truncated file that looks finished.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+
+def _sibling_name(path: str, suffix: str) -> str:
+    """A fresh hidden name in `path`'s folder. Not `tempfile.mkstemp`: its 0600 mode would stick to the output."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{suffix}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success it is renamed over `path`, on failure removed."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = _sibling_name(path, "tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write `obj` as JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write one JSON object per line to `path` atomically."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` (an existing folder there is
+    removed only after the new one is in place), on failure it is removed."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = _sibling_name(path, "tmp")
+    os.mkdir(temporary)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if os.path.lexists(path):
+        retired = _sibling_name(path, "old")
+        os.replace(path, retired)
+        os.replace(temporary, path)
+        if os.path.isdir(retired):
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.remove(retired)
+    else:
+        os.replace(temporary, path)

@@ -1,0 +1,297 @@
+"""GNMTrainer end to end on tiny models: every term, gradient accumulation, the LoRA reference, AdaLoRA, saving,
+and a real unlearning effect on a model that memorised a few facts."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import FACTS, fact_rows
+from peft import AdaLoraConfig, LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gnm_trainer import losses
+from gnm_trainer.errors import GNMInputError
+from gnm_trainer.gnm_config import GNMConfig
+from gnm_trainer.gnm_trainer import GNMTrainer
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+
+
+def negatives_for(rows, levels=3):
+    """Hand-made gradual negatives: level 1 changes the last word, level K the whole answer."""
+    negatives = []
+    for row in rows:
+        words = row["output"].split()
+        for level in range(1, levels + 1):
+            keep = max(0, len(words) - math.ceil(level / levels * len(words)))
+            negatives.append({"id": row["id"], "level": level, "completion": " ".join(words[:keep] + ["zork"] * (len(words) - keep))})
+    return negatives
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=7,
+        max_length=64,
+    )
+    values.update(overrides)
+    return GNMConfig(**values)
+
+
+def make_trainer(model, tokenizer, tmp_path, peft=None, **overrides):
+    forget, retain = fact_rows("forget", 0, 4), fact_rows("retain", 4, 8)
+    return GNMTrainer(
+        model,
+        config(tmp_path, **overrides),
+        train_dataset=forget,
+        retain_dataset=retain,
+        negative_dataset=negatives_for(forget),
+        processing_class=tokenizer,
+        peft_config=peft,
+    )
+
+
+@pytest.mark.parametrize("term", ["ga", "gd", "klr", "klf", "rm", "gnm", "npo"])
+def test_every_term_alone_trains_without_nan(tiny_model, tiny_tokenizer, tmp_path, term):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=[term])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if f"loss_{term}" in entry]
+    assert len(logged) == 2
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry[f"loss_{term}"]) for entry in logged)
+
+
+def test_all_terms_together_log_each_component(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(
+        tiny_model, tiny_tokenizer, tmp_path, peft=LoraConfig(**LORA), loss_terms=["ga", "gd", "klr", "klf", "rm", "gnm", "npo"]
+    )
+    trainer.train()
+    first = trainer.state.log_history[0]
+    for key in ("loss_ga", "loss_gd", "loss_klr", "loss_klf", "loss_rm", "loss_gnm", "loss_npo", "nll_forget", "nll_retain", "nll_random_match", "nll_negative", "negative_level"):
+        assert key in first
+    assert first["loss_ga"] == pytest.approx(-first["nll_forget"])
+    # Before any update the policy is the reference: both KLs are 0 and NPO is (2/β)·log 2.
+    assert first["loss_klr"] == pytest.approx(0.0, abs=1e-5)
+    assert first["loss_npo"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-4)
+
+
+def test_ga_is_minus_gd_on_the_same_batch(tiny_model, tiny_tokenizer, tmp_path):
+    row = fact_rows("forget", 0, 1)
+    trainer = GNMTrainer(
+        tiny_model,
+        config(tmp_path, loss_terms=["ga", "gd"], per_device_train_batch_size=1, max_steps=1),
+        train_dataset=row,
+        retain_dataset=row,
+        processing_class=tiny_tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert outputs["terms"]["ga"].item() == pytest.approx(-outputs["terms"]["gd"].item(), rel=1e-6)
+
+
+def test_loss_is_unchanged_by_extra_padding(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=["ga", "gd", "klr", "rm", "gnm"], reference_model="copy")
+    features = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator(features)
+    padded = {}
+    for key, value in batch.items():
+        fill = tiny_tokenizer.pad_token_id if key.endswith("input_ids") else 0
+        padded[key] = torch.nn.functional.pad(value, (0, 5), value=fill)
+    trainer.model.eval()
+    with torch.no_grad():
+        _, plain = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        _, wide = trainer.compute_loss(trainer.model, padded, return_outputs=True)
+    for term in plain["terms"]:
+        assert wide["terms"][term].item() == pytest.approx(plain["terms"][term].item(), abs=1e-5), term
+
+
+@pytest.mark.parametrize("concatenate", [True, False])
+def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, concatenate):
+    """1×4, 2×2 and 4×1 micro-batches give the same parameters after one SGD step."""
+    from gnm_trainer.target import build_tiny_llama
+
+    base = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    results = []
+    for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        trainer = make_trainer(
+            copy.deepcopy(base),
+            tiny_tokenizer,
+            tmp_path,
+            loss_terms=["ga", "gd", "klr", "rm", "gnm"],
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+            concatenate_forward=concatenate,
+        )
+        trainer.train()
+        results.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    moved = (results[0] - torch.cat([p.flatten() for p in base.parameters()])).abs().max().item()
+    assert moved > 1e-3  # the step really changed the weights
+    assert torch.allclose(results[0], results[1], atol=1e-6, rtol=0)
+    assert torch.allclose(results[0], results[2], atol=1e-6, rtol=0)
+
+
+def test_lora_reference_is_the_untrained_base_without_a_copy(tiny_model, tiny_tokenizer, tmp_path):
+    base_weights = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    original = copy.deepcopy(tiny_model).eval()
+    trainer = make_trainer(
+        tiny_model, tiny_tokenizer, tmp_path, peft=LoraConfig(**LORA), loss_terms=["ga", "klr"], max_steps=3, learning_rate=5e-2
+    )
+    assert trainer.reference_mode == "adapter_disabled"
+    assert trainer.ref_model is None
+    trainer.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    groups = {"retain": {key: batch[f"retain_{key}"] for key in ("input_ids", "attention_mask", "completion_mask")}}
+    reference = trainer._reference_forward(trainer.model, groups)["retain"]
+    with torch.no_grad():
+        expected = original(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"]).logits
+        adapted = trainer.model(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"]).logits
+    assert torch.equal(reference, expected)
+    assert not torch.allclose(adapted, expected)  # the adapter did learn something
+    # The base weights inside the PEFT model are the only copy, and they were not modified.
+    inner = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    assert inner.keys() == base_weights.keys()
+    assert all(torch.equal(inner[name], weight) for name, weight in base_weights.items())
+    model_tensors = sum(1 for _ in trainer.model.parameters())
+    assert model_tensors == len(base_weights) + sum(1 for n, _ in trainer.model.named_parameters() if "lora_" in n)
+
+
+def test_copy_reference_is_frozen_and_none_is_built_when_unneeded(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path / "a", loss_terms=["ga", "klr"])
+    assert trainer.reference_mode == "copy"
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert not trainer.ref_model.training
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path / "b", loss_terms=["ga", "gnm"])
+    assert trainer.reference_mode == "none" and trainer.ref_model is None
+
+
+def test_adalora_fills_total_step_allocates_ranks_and_regularises(tiny_model, tiny_tokenizer, tmp_path):
+    peft = AdaLoraConfig(init_r=6, target_r=2, tinit=1, tfinal=1, deltaT=1, target_modules=["q_proj", "v_proj"], total_step=100)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, peft=peft, loss_terms=["ga", "klr", "gnm"], max_steps=6, learning_rate=1e-2)
+    assert trainer.model.peft_config["default"].total_step == 6
+    calls = []
+    allocate = trainer.model.base_model.update_and_allocate
+    trainer.model.base_model.update_and_allocate = lambda step: calls.append(step) or allocate(step)
+    trainer.train()
+    assert calls == [0, 1, 2, 3, 4, 5]
+    assert all("loss_orth" in entry for entry in trainer.state.log_history if "loss" in entry)
+    kept_ranks = [int((m.lora_E["default"] != 0).sum()) for m in trainer.model.modules() if hasattr(m, "lora_E")]
+    assert kept_ranks and sum(kept_ranks) < 6 * len(kept_ranks)  # the budget pruned ranks below init_r
+
+
+def test_saving_adapter_tokenizer_and_merged_weights(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, peft=LoraConfig(**LORA), loss_terms=["ga", "klr"], learning_rate=5e-2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(trainer.model.get_base_model()), str(tmp_path / "adapter"))
+    AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))
+    trainer.args.merge_adapters = True
+    trainer.save_model(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    ids = tokenizer("Where was Borin Tal born?", return_tensors="pt").input_ids
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5)
+        assert reloaded is not None
+    assert isinstance(trainer.model, PeftModel)  # the trained model is still usable after a merged save
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_tokenizer):
+    """A tiny Llama trained until it reproduces the 8 facts (the target to unlearn)."""
+    return memorise_facts(tiny_tokenizer)
+
+
+def memorise_facts(tiny_tokenizer):
+    from gnm_trainer.target import build_tiny_llama
+
+    model = build_tiny_llama(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256, seed=1)
+    texts = [f"{q} {a}{tiny_tokenizer.eos_token}" for q, a in FACTS]
+    batch = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.1
+    return model
+
+
+def mean_nll(model, tokenizer, pairs):
+    from gnm_trainer.data.collator import GNMDataCollator, tokenize_examples
+    from gnm_trainer.data.loading import load_unlearning_data
+
+    rows = load_unlearning_data([{"id": f"r{i}", "input": p, "output": c} for i, (p, c) in enumerate(pairs)], "forget")
+    examples = tokenize_examples(rows, tokenizer, "{prompt} {completion}", 64, None, True, "eval")
+    batch = GNMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=64)(examples)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["forget_input_ids"], attention_mask=batch["forget_attention_mask"]).logits
+    return losses.completion_nll(logits, batch["forget_input_ids"], batch["forget_completion_mask"]).mean().item()
+
+
+def test_unlearning_forgets_the_forget_set_and_keeps_the_retain_set(memorised, tiny_tokenizer, tmp_path):
+    forget, retain = fact_rows("forget", 0, 4), fact_rows("retain", 4, 8)
+    negatives = negatives_for(forget)
+    forget_pairs = [(r["input"], r["output"]) for r in forget]
+    retain_pairs = [(r["input"], r["output"]) for r in retain]
+    negative_pairs = [(r["input"], n["completion"]) for r in forget for n in negatives if n["id"] == r["id"] and n["level"] == 3]
+    before = [mean_nll(memorised, tiny_tokenizer, pairs) for pairs in (forget_pairs, retain_pairs, negative_pairs)]
+    trainer = GNMTrainer(
+        copy.deepcopy(memorised),
+        config(tmp_path, loss_terms=["ga", "klr", "gnm"], max_steps=12, learning_rate=1e-2, per_device_train_batch_size=4, gnm_weight=1.0),
+        train_dataset=forget,
+        retain_dataset=retain,
+        negative_dataset=negatives,
+        processing_class=tiny_tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    after = [mean_nll(trainer.model, tiny_tokenizer, pairs) for pairs in (forget_pairs, retain_pairs, negative_pairs)]
+    forget_before, retain_before, negative_before = before
+    forget_after, retain_after, negative_after = after
+    assert forget_after > forget_before + 1.0, (before, after)
+    assert retain_after < retain_before + 0.5, (before, after)  # the retain set stays memorised (NLL within 0.5 nats)
+    assert negative_after < negative_before, (before, after)
+
+
+def test_configuration_errors_name_the_field(tmp_path):
+    with pytest.raises(GNMInputError, match=r"loss_terms: unknown term\(s\) \['gx'\]"):
+        GNMConfig(output_dir=str(tmp_path), loss_terms=["ga", "gx"])
+    with pytest.raises(GNMInputError, match="gd_weight: set to 2.0 but 'gd' is not in loss_terms"):
+        GNMConfig(output_dir=str(tmp_path), gd_weight=2.0)
+    with pytest.raises(GNMInputError, match="negative_schedule"):
+        GNMConfig(output_dir=str(tmp_path), negative_schedule="sometimes")
+    with pytest.raises(GNMInputError, match="reference_model: 'none' but the terms \\['klr'\\]"):
+        GNMConfig(output_dir=str(tmp_path), reference_model="none")
+    with pytest.raises(GNMInputError, match="text_template"):
+        GNMConfig(output_dir=str(tmp_path), text_template="{completion} then {prompt}")
+    with pytest.raises(GNMInputError, match="remove_unused_columns"):
+        GNMConfig(output_dir=str(tmp_path), remove_unused_columns=True)
+    defaults = GNMConfig(output_dir=str(tmp_path))
+    assert defaults.loss_weights == {"ga": 0.5, "klr": 5.0, "gnm": 0.04}
+    assert defaults.bf16 is False and defaults.learning_rate == 1e-4
+
+
+def test_trainer_errors_for_missing_inputs(tiny_model, tiny_tokenizer, tmp_path):
+    forget = fact_rows("forget", 0, 2)
+    with pytest.raises(GNMInputError, match="negative_dataset: the 'gnm' term needs gradual negatives"):
+        GNMTrainer(tiny_model, config(tmp_path), train_dataset=forget, retain_dataset=fact_rows("retain", 4, 6), processing_class=tiny_tokenizer)
+    with pytest.raises(GNMInputError, match=r"retain_dataset: required by the term\(s\) \['klr'\]"):
+        GNMTrainer(tiny_model, config(tmp_path, loss_terms=["ga", "klr"]), train_dataset=forget, processing_class=tiny_tokenizer)
+    with pytest.raises(GNMInputError, match="reference_model: 'adapter_disabled' needs a PEFT model"):
+        GNMTrainer(
+            tiny_model, config(tmp_path, loss_terms=["ga", "klr"], reference_model="adapter_disabled"),
+            train_dataset=forget, retain_dataset=fact_rows("retain", 4, 6), processing_class=tiny_tokenizer,
+        )
