@@ -16,6 +16,9 @@ _PUBLIC = {
     "load_unlearning_data": "gnm_trainer.data.loading",
     "load_unlearning_splits": "gnm_trainer.data.loading",
     "GNMInputError": "gnm_trainer.errors",
+    "unlearn": "gnm_trainer.semeval_submission",
+    "push_to_hub": "gnm_trainer.hub",
+    "build_model_card": "gnm_trainer.model_card",
 }
 __all__ = list(_PUBLIC)
 

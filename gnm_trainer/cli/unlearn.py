@@ -127,9 +127,7 @@ def run_unlearning(script_args, training_args, model_args):
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    trainer.save_model(training_args.output_dir)  # also uploads, with our model card, when --push_to_hub is set
     return trainer
 
 
