@@ -7,6 +7,7 @@ cover, and the model is a `LlamaForCausalLM` built from a `LlamaConfig` sized fo
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -122,9 +123,9 @@ class TargetConfig:
     num_layers: int = 4
     num_heads: int = 4
     vocab_size: int = 2048
-    epochs: int = 60
-    learning_rate: float = 2e-3
-    batch_size: int = 16
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    batch_size: int = 8
     max_length: int = 512
     include_validation: bool = False
     max_documents_per_split: int | None = None
@@ -181,6 +182,17 @@ def _mia_rows(rows: list[dict], name: str) -> list[dict[str, str]]:
     return checked
 
 
+def _has_validation_files(folder: str, split: str) -> bool:
+    """Whether `folder` holds a validation file for `split` (the harness's `forget.jsonl` names no partition)."""
+    from .data.loading import find_split_files
+
+    try:
+        paths = find_split_files(folder, split, "validation")
+    except GNMInputError:
+        return False
+    return all("validation" in os.path.basename(path) for path in paths)
+
+
 def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]]:
     """The dataset a target is trained on, shaped like `make_synthetic_lume`'s output.
 
@@ -207,11 +219,8 @@ def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]
         loaded = {}
         for key in LUME_SPLITS:
             split, partition = key.split("_")
-            try:
+            if partition == "train" or _has_validation_files(folder, split):
                 loaded[key] = _lume_rows(folder, split, partition, os.path.join(folder, key))
-            except GNMInputError:
-                if partition == "train":
-                    raise
         for key, file_name in zip(MIA_SPLITS, ("member.jsonl", "nonmember.jsonl")):
             path = os.path.join(folder, "mia", file_name)
             loaded[key] = _mia_rows(read_records(path), path) if os.path.isfile(path) else []
@@ -223,10 +232,32 @@ def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]
     return loaded
 
 
+def draw_documents(rows: list[dict], limit: int | None, rng: random.Random) -> set[str]:
+    """At most `limit` document keys of `rows`, taken round-robin across tasks in a seeded order, so that every
+    task keeps documents whenever `limit` allows."""
+    by_task: dict[str, set[str]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], set()).add(document_key(row["id"]))
+    queues = []
+    for task in sorted(by_task):
+        keys = sorted(by_task[task])
+        rng.shuffle(keys)
+        queues.append(keys)
+    chosen: list[str] = []
+    while queues and (limit is None or len(chosen) < limit):
+        for queue in list(queues):
+            if limit is not None and len(chosen) >= limit:
+                break
+            chosen.append(queue.pop())
+            if not queue:
+                queues.remove(queue)
+    return set(chosen)
+
+
 def select_documents(
     dataset: dict[str, list[dict]], max_documents_per_split: int | None, tasks, seed: int
 ) -> dict[str, list[dict]]:
-    """Keep only `tasks` and at most `max_documents_per_split` documents per split, drawn with `seed`.
+    """Keep only `tasks` and at most `max_documents_per_split` documents per split, drawn with `seed` across tasks.
 
     An sc row stays with the QA rows of its document, and rows keep their order. MIA members stay only when their
     document is kept in forget train, and non-members are thinned to as many as the members left.
@@ -240,10 +271,7 @@ def select_documents(
         if key not in dataset:
             continue
         rows = [row for row in dataset[key] if not tasks or row["task"] in tasks]
-        documents = sorted({document_key(row["id"]) for row in rows})
-        if max_documents_per_split is not None and len(documents) > max_documents_per_split:
-            documents = rng.sample(documents, max_documents_per_split)
-        chosen = set(documents)
+        chosen = draw_documents(rows, max_documents_per_split, rng)
         selected[key] = [row for row in rows if document_key(row["id"]) in chosen]
         if key == "forget_train":
             kept_forget_documents = chosen
@@ -274,7 +302,7 @@ class TrainingExample:
 
     input_ids: list[int]
     completion_start: int
-    kind: str  # "sc", "qa" or "document" (an MIA member, trained on but not checked)
+    kind: str  # "sc" or "qa" (checked for memorisation), "document" (an MIA member) or "other"
     split: str
 
 
@@ -387,7 +415,9 @@ def memorisation_scores(model, tokenizer, rows: list[dict], extra_tokens: int = 
     exact match (strip, lower) of QA rows."""
     from rouge_score import rouge_scorer
 
-    budgets = [len(tokenizer(" " + row["output"], add_special_tokens=False)["input_ids"]) + extra_tokens for row in rows]
+    budgets = [
+        len(tokenizer(" " + row["output"], add_special_tokens=False)["input_ids"]) + extra_tokens for row in rows
+    ]
     generations = greedy_completions(model, tokenizer, [row["input"] for row in rows], budgets)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     sc, qa = [], []
@@ -422,6 +452,18 @@ def is_memorised(report: dict[str, dict], config: TargetConfig) -> bool:
 # --- the training loop -----------------------------------------------------------------------------------------
 
 
+def warmup_cosine(step: int, total_steps: int, warmup_fraction: float = 0.05) -> float:
+    """Learning-rate factor: linear warm-up over the first steps, then cosine decay to zero at `total_steps`.
+
+    Exact memorisation needs the small late steps; a constant rate leaves the loss bouncing around 0.3.
+    """
+    warmup = max(1, round(warmup_fraction * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progress: bool = True) -> dict:
     """Fine-tune `model` with AdamW on the full-sequence causal LM loss until greedy reproduction of the train rows
     of both splits passes the thresholds, or `config.epochs` epochs; returns the training history."""
@@ -432,6 +474,8 @@ def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progr
     lengths = [len(example.input_ids) for example in examples]
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    total_steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps))
     device = model.device
     history: dict = {"epoch_loss": [], "greedy_checks": []}
     report: dict = {}
@@ -448,16 +492,23 @@ def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progr
             outputs.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            scheduler.step()
             for i, fraction in zip(batch_indices, reproduced_fraction(outputs.logits.detach(), input_ids, batch)):
                 fractions[i] = fraction
             tokens = int(attention_mask.sum()) - len(batch)
-            total_loss += float(outputs.loss) * tokens
+            total_loss += float(outputs.loss.detach()) * tokens
             total_tokens += tokens
         loss = total_loss / max(1, total_tokens)
         proxy = proxy_memorisation(fractions, examples)
         history["epoch_loss"].append(round(loss, 5))
         bar.set_postfix(loss=f"{loss:.4f}", sc=f"{proxy['sc']:.2f}", qa=f"{proxy['qa']:.2f}")
-        logger.info("make-target epoch %d: loss %.4f, sc reproduced %.3f, qa reproduced %.3f", epoch, loss, proxy["sc"], proxy["qa"])
+        logger.info(
+            "make-target epoch %d: loss %.4f, sc reproduced %.3f, qa reproduced %.3f",
+            epoch,
+            loss,
+            proxy["sc"],
+            proxy["qa"],
+        )
         proxy_passes = proxy["sc"] >= config.sc_rouge_threshold and proxy["qa"] >= config.qa_exact_match_threshold
         if proxy_passes or epoch == config.epochs:
             report = memorisation_report(model, tokenizer, dataset)
@@ -478,6 +529,12 @@ def _flat(report: dict[str, dict]) -> dict[str, float]:
 # --- make_target -----------------------------------------------------------------------------------------------
 
 
+def _describe_source(data) -> str:
+    if data is None:
+        return "synthetic"
+    return os.path.abspath(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else "rows"
+
+
 def read_target_info(output_dir: str) -> dict | None:
     """The `target_info.json` of a finished target, or None."""
     path = os.path.join(output_dir, TARGET_INFO_FILE)
@@ -496,9 +553,9 @@ def make_target(
     num_layers: int = 4,
     num_heads: int = 4,
     vocab_size: int = 2048,
-    epochs: int = 60,
-    learning_rate: float = 2e-3,
-    batch_size: int = 16,
+    epochs: int = 30,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
     max_length: int = 512,
     include_validation: bool = False,
     max_documents_per_split: int | None = None,
@@ -581,7 +638,7 @@ def make_target(
             {
                 "fingerprint": fingerprint,
                 "format_version": TARGET_FORMAT_VERSION,
-                "source": "synthetic" if data is None else (os.fspath(data) if isinstance(data, (str, os.PathLike)) else "rows"),
+                "source": _describe_source(data),
                 "config": asdict(config),
                 "rows": {key: len(rows) for key, rows in dataset.items()},
                 "parameters": sum(p.numel() for p in model.parameters()),

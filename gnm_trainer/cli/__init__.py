@@ -34,7 +34,7 @@ commands:
 def _build_argparse_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="gnm", usage=USAGE)
+    parser = argparse.ArgumentParser(prog="gnm", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in ARGPARSE_COMMANDS.values():
         try:

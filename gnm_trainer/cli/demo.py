@@ -1,0 +1,55 @@
+"""`gnm demo`: the whole GNM pipeline end to end on the embedded synthetic default (offline, CPU)."""
+
+import argparse
+
+EXAMPLES = """examples:
+  gnm demo                              # everything, into ./gnm-demo
+  gnm demo --output-dir /tmp/demo --max-steps 100
+  gnm demo --negatives-backend llm      # negatives written by prompting the tiny target itself
+
+It prints a before/after table and writes report.md, plot.png, results_before.json, results_after.json,
+negatives.jsonl and the unlearned adapter (model/) into the output folder. The target model is cached
+(see `gnm make-target`), so only the first run trains it.
+"""
+
+
+def register(subparsers) -> None:
+    from ..demo import DemoSettings
+
+    defaults = DemoSettings()
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole pipeline on the embedded default",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="where everything is written (default: %(default)s)")
+    parser.add_argument("--target-dir", default=None, help="where the target is cached (default: the user cache)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--negatives-backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
+    parser.add_argument("--negative-levels", type=int, default=defaults.negative_levels)
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="evaluation generation length")
+    parser.add_argument("--quick", action="store_true", help="a much smaller target and a 1-step run (for tests)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import DemoSettings, run_demo
+
+    run_demo(
+        DemoSettings(
+            output_dir=args.output_dir,
+            target_dir=args.target_dir,
+            seed=args.seed,
+            negatives_backend=args.negatives_backend,
+            negative_levels=args.negative_levels,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            max_new_tokens=args.max_new_tokens,
+            quick=args.quick,
+        )
+    )
+    return 0

@@ -1,0 +1,82 @@
+"""`gnm make-target`: train a tiny model that memorises a LUME-format dataset (the target to unlearn)."""
+
+import argparse
+
+EXAMPLES = """examples:
+  # the embedded default: synthetic LUME-format data, a 4-layer hidden-256 Llama (about a minute on 2 CPU cores)
+  gnm make-target --output-dir runs/target
+
+  # a deterministic subset of the real LUME data: 20 Task2 documents per split
+  gnm make-target --data ../shared/data/lume --tasks Task2 --max-documents-per-split 20 --output-dir runs/lume-target
+
+  # then score or unlearn it; the data it was trained on is in <output-dir>/data
+  gnm evaluate --model runs/target --data runs/target/data
+
+A second run with the same data and settings finds the finished target and returns at once (--force retrains).
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "make-target",
+        prog="gnm make-target",
+        help="train a tiny model that memorises a LUME-format dataset",
+        description=(
+            "Train a byte-level BPE tokenizer and a tiny Llama from scratch and fine-tune it until it memorises the "
+            "forget and retain train rows (greedy ROUGE-L recall >= 0.95 on sentence completion, exact match >= 0.9 "
+            "on QA) and the MIA member documents: the target model to unlearn. The output folder holds the model "
+            "and tokenizer, data/ (the rows it was trained on) and target_info.json."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", default=None, help="LUME-format folder (default: the synthetic dataset)")
+    parser.add_argument("--output-dir", default=None, help="where to write the target (default: the user cache)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the synthetic data, the model and the order")
+    parser.add_argument("--force", action="store_true", help="retrain even when the output folder is up to date")
+    parser.add_argument(
+        "--max-documents-per-split", type=int, default=None, help="keep at most N documents per split (seeded)"
+    )
+    parser.add_argument("--tasks", nargs="+", default=None, choices=("Task1", "Task2", "Task3"), help="tasks to keep")
+    parser.add_argument("--include-validation", action="store_true", help="train on the validation rows too")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--epochs", type=int, default=30, help="most epochs; training stops once memorised")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate, cosine decay to 0 at --epochs")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512, help="longest training sequence, in tokens")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..target import make_target, read_target_info
+
+    output_dir = make_target(
+        data=args.data,
+        output_dir=args.output_dir,
+        seed=args.seed,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        vocab_size=args.vocab_size,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        include_validation=args.include_validation,
+        max_documents_per_split=args.max_documents_per_split,
+        tasks=args.tasks,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    info = read_target_info(output_dir) or {}
+    figures = ", ".join(
+        f"{split}: sc ROUGE-L recall {scores['sc_rougeL_recall']:.3f}, QA exact match {scores['qa_exact_match']:.3f}"
+        for split, scores in info.get("memorisation", {}).items()
+    )
+    state = "memorised" if info.get("memorised") else "NOT memorised"
+    print(f"{output_dir}: {state} after {info.get('epochs')} epochs ({figures})")
+    return 0

@@ -1,0 +1,29 @@
+"""`gnm demo` end to end, in quick mode (a smaller target): forget scores fall, retain scores hold, files written."""
+
+import json
+
+from gnm_trainer.cli import main
+
+
+def overall(results, split):
+    return results[split]["overall-regurgitation-score"], results[split]["overall-knowledge-score"]
+
+
+def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
+    output = tmp_path / "demo"
+    code = main(
+        ["demo", "--quick", "--output-dir", str(output), "--max-steps", "20", "--learning-rate", "1e-2", "--max-new-tokens", "32"]
+    )
+    assert code == 0
+    for name in ("report.md", "plot.png", "results_before.json", "results_after.json", "negatives.jsonl", "demo_summary.json"):
+        assert (output / name).exists(), name
+    assert (output / "model" / "adapter_config.json").exists()
+    before = json.loads((output / "results_before.json").read_text())
+    after = json.loads((output / "results_after.json").read_text())
+    forget_before, forget_after = overall(before, "forget-set"), overall(after, "forget-set")
+    retain_before, retain_after = overall(before, "retain-set"), overall(after, "retain-set")
+    assert forget_before[1] == 1.0 and retain_before[1] == 1.0  # the target memorised its QA facts
+    assert forget_after[0] < forget_before[0] - 0.3 and forget_after[1] <= 0.5  # forgotten
+    assert retain_after[0] > retain_before[0] - 0.15 and retain_after[1] >= 0.8  # kept
+    printed = capsys.readouterr().out
+    assert "| forget | Task2 |" in printed and "report:" in printed

@@ -1,0 +1,206 @@
+"""make_target: a loadable target folder, the cache, atomic output, subsets, the memorisation check and the CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from gnm_trainer import target as target_module
+from gnm_trainer.cli import main as gnm_main
+from gnm_trainer.data import load_unlearning_data
+from gnm_trainer.data.synthetic import make_synthetic_lume, write_synthetic_lume
+from gnm_trainer.errors import GNMInputError
+from gnm_trainer.target import (
+    TARGET_INFO_FILE,
+    TrainingExample,
+    document_key,
+    greedy_completions,
+    make_target,
+    memorisation_scores,
+    read_target_info,
+    reproduced_fraction,
+    select_documents,
+    warmup_cosine,
+)
+
+LUME_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "lume")
+# A target small enough to train in a couple of seconds; it is not expected to memorise.
+TINY = dict(
+    max_documents_per_split=3, hidden_size=32, num_layers=1, num_heads=2, vocab_size=300, epochs=2, progress=False
+)
+
+
+class Retrained(Exception):
+    """Raised by the patched training loop: proof that make_target tried to train."""
+
+
+def refuse_training(*args, **kwargs):
+    raise Retrained
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    return make_target(output_dir=str(tmp_path_factory.mktemp("target") / "tiny"), **TINY)
+
+
+def test_target_folder_loads_and_describes_itself(tiny_target):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target)
+    model = AutoModelForCausalLM.from_pretrained(tiny_target)
+    assert model.config.vocab_size == len(tokenizer) and model.config.hidden_size == 32
+    assert tokenizer("Hello")["input_ids"][0] == tokenizer.bos_token_id
+    info = read_target_info(tiny_target)
+    assert len(info["fingerprint"]) == 64 and info["config"]["hidden_size"] == 32 and info["epochs"] == 2
+    assert set(info["memorisation"]) == {"forget_train", "retain_train"}
+    assert info["wall_time_s"] > 0 and info["source"] == "synthetic"
+    data_dir = os.path.join(tiny_target, "data")
+    forget = load_unlearning_data(data_dir, "forget", "train")
+    assert len(forget) == info["rows"]["forget_train"]
+    assert len({document_key(i) for i in forget["id"]}) == 3
+    members = [json.loads(line) for line in open(os.path.join(data_dir, "mia", "member.jsonl"))]
+    assert {m["id"] for m in members} == {document_key(i) for i in forget["id"]}
+    assert not [name for name in os.listdir(os.path.dirname(tiny_target)) if name.startswith(".")]
+
+
+def test_same_data_and_settings_hit_the_cache(tiny_target, monkeypatch):
+    monkeypatch.setattr(target_module, "train_until_memorised", refuse_training)
+    before = os.stat(os.path.join(tiny_target, TARGET_INFO_FILE)).st_mtime_ns
+    assert make_target(output_dir=tiny_target, **TINY) == tiny_target
+    assert os.stat(os.path.join(tiny_target, TARGET_INFO_FILE)).st_mtime_ns == before
+    with pytest.raises(Retrained):
+        make_target(output_dir=tiny_target, **{**TINY, "epochs": 3})
+    with pytest.raises(Retrained):
+        make_target(output_dir=tiny_target, force=True, **TINY)
+    with pytest.raises(Retrained):
+        make_target(output_dir=tiny_target, seed=1, **TINY)
+
+
+def test_failed_rebuild_leaves_the_old_target_whole(tiny_target, monkeypatch):
+    info = read_target_info(tiny_target)
+
+    def broken_write(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(target_module, "write_lume_folder", broken_write)
+    with pytest.raises(RuntimeError):
+        make_target(output_dir=tiny_target, force=True, **TINY)
+    assert read_target_info(tiny_target) == info
+    assert not [name for name in os.listdir(os.path.dirname(tiny_target)) if name.startswith(".")]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(target_module, "train_until_memorised", refuse_training)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(GNMInputError, match="not a target"):
+        make_target(output_dir=str(tmp_path), **TINY)
+    with pytest.raises(GNMInputError, match="hidden_size"):
+        make_target(output_dir=str(tmp_path / "new"), **{**TINY, "hidden_size": 33})
+
+
+def test_subset_keeps_documents_whole_and_is_deterministic():
+    data = target_module.load_target_data(make_synthetic_lume(seed=2))
+    first = select_documents(data, 5, ("Task2", "Task3"), seed=7)
+    assert first == select_documents(data, 5, ("Task2", "Task3"), seed=7)
+    for key in ("forget_train", "retain_train", "forget_validation"):
+        documents = {}
+        for row in first[key]:
+            documents.setdefault(document_key(row["id"]), []).append(row)
+        assert len(documents) <= 5 and {row["task"] for row in first[key]} <= {"Task2", "Task3"}
+        for key_id, rows in documents.items():
+            everything = [row for row in data[key] if document_key(row["id"]) == key_id]
+            assert rows == everything, "an sc row stays with all the QA rows of its document"
+    assert {row["task"] for row in first["forget_train"]} == {"Task2", "Task3"}, "a subset keeps every task"
+    assert {m["id"] for m in first["mia_member"]} == {document_key(r["id"]) for r in first["forget_train"]}
+    assert len(first["mia_nonmember"]) == len(first["mia_member"])
+
+
+def test_small_subsets_keep_all_three_tasks_in_each_split():
+    data = select_documents(target_module.load_target_data(make_synthetic_lume(seed=0)), 4, None, seed=0)
+    for key in ("forget_train", "retain_train"):
+        assert {row["task"] for row in data[key]} == {"Task1", "Task2", "Task3"}
+        assert len({document_key(row["id"]) for row in data[key]}) == 4
+
+
+def test_reads_a_lume_folder_and_subsamples_it(tmp_path):
+    folder = LUME_DIR if os.path.isdir(LUME_DIR) else str(tmp_path)
+    if folder == str(tmp_path):
+        write_synthetic_lume(folder, seed=0)
+    data = select_documents(target_module.load_target_data(folder), 2, ("Task2",), seed=0)
+    assert {row["task"] for row in data["forget_train"] + data["retain_train"]} == {"Task2"}
+    assert len({document_key(row["id"]) for row in data["retain_train"]}) == 2
+    assert all(set(row) == {"id", "input", "output", "task", "split"} for row in data["forget_train"])
+
+
+def test_reproduced_fraction_counts_the_correct_prefix():
+    vocab = 10
+    input_ids = torch.tensor([[1, 4, 5, 6, 7, 2], [1, 3, 8, 2, 0, 0]])
+    logits = torch.zeros(2, 6, vocab)
+    for row, ids in enumerate(input_ids.tolist()):
+        for position in range(5):
+            logits[row, position, ids[position + 1]] = 1.0  # a perfect next-token guess everywhere
+    logits[0, 4, 7] = 0.0
+    logits[0, 4, 9] = 2.0  # first example: wrong on its 3rd completion token (7)
+    examples = [TrainingExample([1, 4, 5, 6, 7, 2], 2, "sc", "x"), TrainingExample([1, 3, 8, 2], 2, "qa", "x")]
+    assert reproduced_fraction(logits, input_ids, examples) == [0.75, 1.0]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factors = [warmup_cosine(step, 100) for step in range(101)]
+    assert factors[0] < factors[4] == 1.0 and factors[50] < 1.0 and factors[100] == pytest.approx(0.0)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_model):
+    prompts = ["Where was Borin Tal born?", "What pet does Gil Sorrow keep? It is", "Hi"]
+    batched = greedy_completions(tiny_model.eval(), tiny_tokenizer, prompts, [6, 6, 6], batch_size=3)
+    single = [greedy_completions(tiny_model, tiny_tokenizer, [p], [6])[0] for p in prompts]
+    assert batched == single
+    assert tiny_tokenizer.padding_side == "right", "the tokenizer's padding side is restored"
+
+
+def test_memorisation_scores_use_the_official_measures(monkeypatch):
+    rows = [
+        {"id": "asc1", "input": "Alma Breck was", "output": "born in Quillport in 1950."},
+        {"id": "aqa0", "input": "Where?", "output": "Quillport"},
+        {"id": "aqa1", "input": "When?", "output": "1950"},
+    ]
+    generations = [" born in Quillport", "  quillport ", "1951"]
+    monkeypatch.setattr(target_module, "greedy_completions", lambda *args, **kwargs: generations)
+    scores = memorisation_scores(None, _WhitespaceTokenizer(), rows)
+    assert scores["sc_rougeL_recall"] == pytest.approx(3 / 5)
+    assert scores["qa_exact_match"] == 0.5 and scores["sc_rows"] == 1 and scores["qa_rows"] == 2
+
+
+class _WhitespaceTokenizer:
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": text.split()}
+
+
+def test_memorises_a_small_pii_set_and_stops_early(tmp_path):
+    data = make_synthetic_lume(seed=0, num_documents=2, num_validation_documents=0, task_shares={"Task2": 1})
+    output = make_target(
+        data, str(tmp_path / "t"), hidden_size=64, num_layers=2, num_heads=2, vocab_size=400, epochs=150,
+        learning_rate=3e-3, batch_size=4, progress=False,
+    )  # fmt: skip
+    info = read_target_info(output)
+    assert info["memorised"] and info["epochs"] < 150
+    for scores in info["memorisation"].values():
+        assert scores["sc_rougeL_recall"] >= 0.95 and scores["qa_exact_match"] >= 0.9
+
+
+def test_cli_help_and_a_tiny_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gnm_main(["make-target", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for expected in ("usage: gnm make-target", "examples:", "--max-documents-per-split", "--force"):
+        assert expected in help_text
+    output = str(tmp_path / "cli-target")
+    argv = ["make-target", "--output-dir", output, "--max-documents-per-split", "2", "--hidden-size", "32",
+            "--num-layers", "1", "--num-heads", "2", "--vocab-size", "300", "--epochs", "1", "--quiet"]  # fmt: skip
+    assert gnm_main(argv) == 0
+    assert output in capsys.readouterr().out
+    assert read_target_info(output)["config"]["max_documents_per_split"] == 2
+    assert gnm_main(["make-target", "--data", str(tmp_path / "missing"), "--output-dir", output, "--quiet"]) == 2
+    assert "data folder not found" in capsys.readouterr().err
