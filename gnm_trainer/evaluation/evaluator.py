@@ -12,14 +12,13 @@ sharded by DeepSpeed ZeRO-3 or FSDP are not supported here: generation needs the
 """
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..data import load_unlearning_data, load_unlearning_splits, read_records
 from ..errors import GNMInputError, where
-from ..io_utils import atomic_write_json, atomic_write_jsonl
+from ..io_utils import atomic_write_json, atomic_write_jsonl, read_json_file
 from .generation import document_nll, generate_greedy
 from .semeval import score_example, semeval_results
 
@@ -199,11 +198,7 @@ def resolve_mmlu_score(value: float | str | None) -> float | None:
 def _mmlu_from_file(path: str) -> float:
     if not os.path.isfile(path):
         raise GNMInputError(f"{path}: MMLU score is neither a number nor an existing JSON file")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+    data = read_json_file(path, "MMLU results file")
     for key in ("mmlu_average", "average_acc"):
         if isinstance(data, dict) and isinstance(data.get(key), (int, float)):
             return float(data[key])
@@ -321,13 +316,7 @@ def evaluate_path(
 
 
 def _read_results(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise GNMInputError(f"{path}: baseline results file not found (expected an evaluation_results.json)")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+    data = read_json_file(path, "baseline results file (expected an evaluation_results.json)")
     if not isinstance(data, dict) or "harmonic-mean-task-aggregate" not in data:
         raise GNMInputError(f"{where(path, field='harmonic-mean-task-aggregate')}: not an evaluation_results.json")
     return data
