@@ -82,3 +82,36 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
             os.remove(retired)
     else:
         os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_files_into(directory: str | os.PathLike) -> Iterator[str]:
+    """Yield an empty hidden folder inside `directory`; on success every file written there is moved into
+    `directory` with `os.replace` (each file appears whole), on failure nothing is moved. For an output folder that
+    must stay in place (one a caller created, possibly a mount point), where `atomic_directory` cannot swap it."""
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    staging = _sibling_name(os.path.join(directory, "files"), "staging")
+    os.mkdir(staging)
+    try:
+        yield staging
+        for folder, _, names in os.walk(staging):
+            destination = os.path.join(directory, os.path.relpath(folder, staging))
+            os.makedirs(destination, exist_ok=True)
+            for name in names:
+                os.replace(os.path.join(folder, name), os.path.join(destination, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json_file(path: str, what: str) -> Any:
+    """Parse a JSON file; a missing file or invalid JSON is a GNMInputError naming the file and `what` it should be."""
+    from .errors import GNMInputError
+
+    if not os.path.isfile(path):
+        raise GNMInputError(f"{path}: {what} not found")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise GNMInputError(f"{path}: invalid JSON ({error})") from error
