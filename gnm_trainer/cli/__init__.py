@@ -6,6 +6,7 @@ sets `func` to the function that runs it.
 """
 
 import importlib
+import os
 import sys
 
 from ..errors import GNMInputError
@@ -44,7 +45,38 @@ def _build_argparse_parser():
                 raise
             continue
         module.register(subparsers)
-    return parser
+    for subparser in subparsers.choices.values():
+        subparser.add_argument(
+            "--config", metavar="YAML", help="a recipe: a YAML mapping of this command's options (flags override it)"
+        )
+    return parser, subparsers
+
+
+def apply_recipe(subparser, argv: list[str]) -> None:
+    """Make the options of a `--config` YAML recipe the defaults of `subparser`; an unknown key is an error.
+
+    Keys are the option names with dashes or underscores (`max_new_tokens` or `max-new-tokens`).
+    """
+    if "--config" not in argv:
+        return
+    position = argv.index("--config")
+    path = argv[position + 1] if position + 1 < len(argv) else None
+    if path is None or not os.path.isfile(path):
+        raise GNMInputError(f"--config: recipe file not found: {path}")
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        recipe = yaml.safe_load(handle) or {}
+    if not isinstance(recipe, dict):
+        raise GNMInputError(f"{path}: a recipe must be a YAML mapping of option names to values")
+    actions = {action.dest: action for action in subparser._actions}
+    unknown = sorted(key for key in recipe if key.replace("-", "_") not in actions or key in ("help", "config"))
+    if unknown:
+        raise GNMInputError(f"{path}: unknown key(s) {unknown} for `{subparser.prog}`; see `{subparser.prog} --help`")
+    for key, value in recipe.items():
+        action = actions[key.replace("-", "_")]
+        action.default = value
+        action.required = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
             unlearn_main(argv[1:])
             return 0
-        parser = _build_argparse_parser()
+        parser, subparsers = _build_argparse_parser()
+        if argv[0] in subparsers.choices:
+            apply_recipe(subparsers.choices[argv[0]], argv)
         args = parser.parse_args(argv)
         result = args.func(args)
         return int(result or 0)
