@@ -13,6 +13,7 @@ PAPER_LOSS_TERMS = ["ga", "klr", "gnm"]
 DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0}
 NEGATIVE_SCHEDULES = ("gradual", "random", "all")
 REFERENCE_MODES = ("auto", "adapter_disabled", "copy", "none")
+FORWARD_PASSES = ("auto", "one", "per_group")
 # The default joins prompt and completion with one space, as the LUME data needs; the paper's template is below.
 DEFAULT_TEXT_TEMPLATE = "{prompt} {completion}"
 PAPER_TEXT_TEMPLATE = "{prompt} >> {completion} is the answer."
@@ -58,9 +59,11 @@ class GNMConfig(TrainingArguments):
             prompt side and is never trained on.
         add_eos_token (`bool`, defaults to `True`):
             Append the tokenizer's end-of-sequence token to every completion.
-        concatenate_forward (`bool`, defaults to `True`):
-            Run every sequence that needs gradients (forget, retain, random match, negatives) through the model in one
-            forward pass; `False` runs one forward per group (lower peak memory for long sequences, slower).
+        forward_passes (`str`, defaults to `"auto"`):
+            How the groups of sequences (forget, retain, random match, negatives) go through the model: `one` (all in
+            one forward pass, padded to the longest), `per_group` (one pass per group, each padded to its own longest)
+            or `auto` (one pass unless padding to the common length adds more than 25% tokens; then per group).
+            Measured in `benchmarks/forward_modes.py`: on CPU the cost follows the padded token count.
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
 
@@ -108,8 +111,9 @@ class GNMConfig(TrainingArguments):
         metadata={"help": "How prompt and completion are joined; must contain {prompt} then {completion}."},
     )
     add_eos_token: bool = field(default=True, metadata={"help": "Append EOS to every completion."})
-    concatenate_forward: bool = field(
-        default=True, metadata={"help": "One forward pass for all sequences that need gradients."}
+    forward_passes: str = field(
+        default="auto",
+        metadata={"help": "Group sequences into one forward pass or one per group.", "choices": list(FORWARD_PASSES)},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
     # ---- model ----
@@ -148,6 +152,8 @@ class GNMConfig(TrainingArguments):
                 )
         if self.negative_schedule not in NEGATIVE_SCHEDULES:
             raise GNMInputError(f"negative_schedule: {self.negative_schedule!r}; expected one of {NEGATIVE_SCHEDULES}")
+        if self.forward_passes not in FORWARD_PASSES:
+            raise GNMInputError(f"forward_passes: {self.forward_passes!r}; expected one of {FORWARD_PASSES}")
         if self.reference_model not in REFERENCE_MODES:
             raise GNMInputError(f"reference_model: {self.reference_model!r}; expected one of {REFERENCE_MODES}")
         needs_reference = sorted(TERMS_NEEDING_REFERENCE.intersection(self.loss_terms))
@@ -171,6 +177,9 @@ class GNMConfig(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise GNMInputError("remove_unused_columns: must be False for GNMTrainer (the collator needs its columns)")
+        from .distributed import apply_cpu_launch_defaults
+
+        apply_cpu_launch_defaults(self)  # a multi-process launch without GPUs needs use_cpu (DDP) or gloo (DeepSpeed)
         super().__post_init__()
 
     @property

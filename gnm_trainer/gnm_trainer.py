@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, set_seed
 from transformers.utils import logging
 
 from . import losses
@@ -22,7 +22,7 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
-from .reference import adapter_disabled, frozen_copy, resolve_reference_mode
+from .reference import adapter_disabled, frozen_copy, prepare_reference_model, resolve_reference_mode
 
 logger = logging.get_logger(__name__)
 
@@ -52,6 +52,21 @@ def is_adalora(model) -> bool:
     from peft import AdaLoraConfig
 
     return isinstance(model.peft_config.get(model.active_adapter), AdaLoraConfig)
+
+
+# `auto` runs one forward pass unless padding every group to the common length adds more than this share of tokens.
+MAX_PADDING_OVERHEAD = 0.25
+
+
+def one_forward_pass(mode: str, shapes: list[tuple[int, int]]) -> bool:
+    """Whether groups of (rows, length) go through the model together (padded to the longest) or one by one."""
+    if len(shapes) == 1 or mode == "one":
+        return True
+    if mode == "per_group":
+        return False
+    padded_apart = sum(rows * length for rows, length in shapes)
+    padded_together = sum(rows for rows, _ in shapes) * max(length for _, length in shapes)
+    return padded_together <= (1 + MAX_PADDING_OVERHEAD) * padded_apart
 
 
 def pad_to_length(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -135,6 +150,7 @@ class GNMTrainer(Trainer):
         self.reference_mode = resolve_reference_mode(args.reference_model, args.loss_terms, peft_config is not None or is_peft_model(model))
         reference_copy = frozen_copy(model) if self.reference_mode == "copy" else None
         if peft_config is not None:
+            set_seed(args.seed)  # the adapter's initial weights are drawn here, before Trainer seeds anything
             model = self._wrap_peft(model, peft_config, args, len(forget_rows))
 
         tokenize = dict(
@@ -186,9 +202,7 @@ class GNMTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.ref_model = None
-        if reference_copy is not None:
-            self.ref_model = self.accelerator.prepare_model(reference_copy, evaluation_mode=True)
+        self.ref_model = prepare_reference_model(self.accelerator, reference_copy)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._micro_step = (-1, 0)  # (global step, micro-batch index within it) for the random schedule's seed
 
@@ -271,10 +285,10 @@ class GNMTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Logits of every group, in one forward pass when `concatenate_forward`, else one pass per group."""
+        """Logits of every group, in one forward pass or one per group (see `GNMConfig.forward_passes`)."""
         if not groups:
             return {}
-        if not self.args.concatenate_forward or len(groups) == 1:
+        if not one_forward_pass(self.args.forward_passes, [g["input_ids"].shape for g in groups.values()]):
             return {
                 name: model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], use_cache=False).logits
                 for name, g in groups.items()
@@ -403,13 +417,37 @@ class GNMTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the adapter (PEFT) or the full model, plus the tokenizer; merged full weights with `merge_adapters`."""
+        from .distributed import save_full_weights, saves_sharded_only
+
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if not (self.args.merge_adapters and not _internal_call and is_peft_model(unwrapped)):
-            return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
+        if not _internal_call and saves_sharded_only(self):
+            # FSDP with a sharded state dict would leave no loadable weights in the output folder.
+            save_full_weights(self, output_dir)
+        elif not (self.args.merge_adapters and not _internal_call and is_peft_model(unwrapped)):
+            return super().save_model(output_dir, _internal_call)
+        elif self.args.should_save:
             save_merged(unwrapped, self.processing_class, output_dir)
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hub: our model card and upload (the logic lives in model_card.py and hub.py)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, evaluation_results=None, **card_options) -> None:
+        """Write the GNM model card (`gnm_trainer.model_card`) as `README.md` in `output_dir`."""
+        from .hub import write_trainer_card
+
+        write_trainer_card(self, evaluation_results, **card_options)
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs):
+        """Upload the adapter (merged weights with `merge_adapters`), the tokenizer and the GNM card with
+        `gnm_trainer.hub.push_to_hub`. Always blocking. The token is never logged, written or shown in an error."""
+        from .hub import push_trainer
+
+        return push_trainer(self, commit_message, token, revision, private, **kwargs)
 
 
 def save_merged(peft_model, tokenizer, output_dir: str) -> None:

@@ -12,7 +12,7 @@ def overall(results, split):
 def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
     output = tmp_path / "demo"
     code = main(
-        ["demo", "--quick", "--output-dir", str(output), "--max-steps", "20", "--learning-rate", "1e-2", "--max-new-tokens", "32"]
+        ["demo", "--quick", "--output-dir", str(output), "--max-steps", "30", "--learning-rate", "1e-2", "--max-new-tokens", "32"]
     )
     assert code == 0
     for name in ("report.md", "plot.png", "results_before.json", "results_after.json", "negatives.jsonl", "demo_summary.json"):

@@ -110,8 +110,8 @@ def test_loss_is_unchanged_by_extra_padding(tiny_model, tiny_tokenizer, tmp_path
         assert wide["terms"][term].item() == pytest.approx(plain["terms"][term].item(), abs=1e-5), term
 
 
-@pytest.mark.parametrize("concatenate", [True, False])
-def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, concatenate):
+@pytest.mark.parametrize("forward_passes", ["one", "per_group"])
+def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, forward_passes):
     """1×4, 2×2 and 4×1 micro-batches give the same parameters after one SGD step."""
     from gnm_trainer.target import build_tiny_llama
 
@@ -129,7 +129,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path
             optim="sgd",
             learning_rate=0.5,
             max_grad_norm=0.0,
-            concatenate_forward=concatenate,
+            forward_passes=forward_passes,
         )
         trainer.train()
         results.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
@@ -137,6 +137,16 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path
     assert moved > 1e-3  # the step really changed the weights
     assert torch.allclose(results[0], results[1], atol=1e-6, rtol=0)
     assert torch.allclose(results[0], results[2], atol=1e-6, rtol=0)
+
+
+def test_one_forward_pass_unless_padding_wastes_too_much():
+    from gnm_trainer.gnm_trainer import one_forward_pass
+
+    assert one_forward_pass("auto", [(4, 20), (4, 22)])  # 176 padded tokens together vs 168 apart: within 25%
+    assert not one_forward_pass("auto", [(4, 10), (4, 100)])  # 800 together vs 440 apart
+    assert one_forward_pass("one", [(4, 10), (4, 100)])
+    assert not one_forward_pass("per_group", [(4, 20), (4, 22)])
+    assert one_forward_pass("per_group", [(4, 20)])
 
 
 def test_lora_reference_is_the_untrained_base_without_a_copy(tiny_model, tiny_tokenizer, tmp_path):

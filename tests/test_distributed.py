@@ -1,0 +1,354 @@
+"""Multi-process training and evaluation on CPU: 2 processes give what 1 process gives.
+
+Each distributed run is `accelerate launch` with 2 processes (the repo's accelerate configs for DeepSpeed, with
+`--num_processes 2 --mixed_precision no` for CPU) at per-process batch 2, compared with ONE process at batch 4 (the same
+effective batch), step by step on every logged loss term, NLL and the gradient norm from trainer_state.json.
+
+Tolerance: 1e-4 absolute on values of magnitude up to ~10 (measured: at most 1.6e-5). The runs are fp32 but not
+bit-identical: 2 processes pad each half-batch to its own longest sequence (other matmul shapes) and sum the gradient
+in another order (all-reduce of two half-batch means instead of one mean); the ~1e-7 relative difference of step 1
+grows through Adam, which divides by sqrt(v) and so amplifies tiny differences in near-zero gradients.
+
+The helper `distributed_scripts/gnm_with_report.py` runs the `gnm` command as the console script does and writes
+what each process saw (rank, world size, ZeRO stage, how much of the reference model it holds), so a launch that
+silently ran one process, or a reference replicated under ZeRO-3, fails the test. No launch sets ACCELERATE_USE_CPU:
+`GNMConfig` must supply what a CPU-only multi-process launch needs by itself.
+
+The DeepSpeed cases need the `deepspeed` extra; its first run JIT-builds a small extension, cached in
+TORCH_EXTENSIONS_DIR (default here: the pytest cache), which adds 0.5-2 minutes once.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FACTS, fact_rows
+
+from gnm_trainer.distributed import cpu_launch_overrides, parameter_counts
+from gnm_trainer.negatives.schema import negative_row
+from gnm_trainer.reference import reference_deepspeed_config
+from gnm_trainer.target import build_tiny_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "tests", "distributed_scripts", "gnm_with_report.py")
+CONFIGS = os.path.join(REPO, "accelerate_configs")
+TOLERANCE = 1e-4
+WEIGHT_TOLERANCE = 1e-2  # relative to the size of the update (measured: at most 2.2e-3)
+LAUNCH = [
+    sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+]  # fmt: skip
+PEFT_FLAGS = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0", "--lora_target_modules", "all-linear"]
+# Launcher flags per setting: plain DDP needs --multi_gpu on CPU (--cpu would start ONE process, see SPEC §4).
+SETTINGS = {
+    "ddp": ["--multi_gpu"],
+    "zero2": ["--config_file", os.path.join(CONFIGS, "deepspeed_zero2.yaml")],
+    "zero3": ["--config_file", os.path.join(CONFIGS, "deepspeed_zero3.yaml")],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_launch_needs_use_cpu_for_ddp_and_gloo_for_deepspeed():
+    launched = {"WORLD_SIZE": "2"}
+    assert cpu_launch_overrides(launched, accelerator_available=False) == {"use_cpu": True}
+    deepspeed = {**launched, "ACCELERATE_USE_DEEPSPEED": "true"}
+    assert cpu_launch_overrides(deepspeed, accelerator_available=False) == {"ddp_backend": "gloo"}
+    assert cpu_launch_overrides(launched, accelerator_available=True) == {}
+    assert cpu_launch_overrides({}, accelerator_available=False) == {}
+
+
+def test_cpu_launch_defaults_fill_only_what_the_user_left_unset(monkeypatch):
+    import types
+
+    import gnm_trainer.distributed as distributed
+
+    monkeypatch.setattr(distributed, "has_accelerator", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    args = types.SimpleNamespace(use_cpu=False, ddp_backend=None)
+    assert distributed.apply_cpu_launch_defaults(args) == {"use_cpu": True} and args.use_cpu is True
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    args = types.SimpleNamespace(use_cpu=False, ddp_backend="ccl")
+    assert distributed.apply_cpu_launch_defaults(args) == {} and args.ddp_backend == "ccl"
+
+
+def test_reference_deepspeed_config_is_inference_only():
+    training = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW"},
+        "scheduler": {"type": "WarmupLR"},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": "auto",
+                              "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": 7},
+    }  # fmt: skip
+    reference = reference_deepspeed_config(training, hidden_size=8)
+    assert "optimizer" not in reference and "scheduler" not in reference
+    assert reference["zero_optimization"] == {
+        "stage": 3, "reduce_bucket_size": 64, "stage3_prefetch_bucket_size": 57, "stage3_param_persistence_threshold": 7
+    }  # fmt: skip
+    assert training["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}  # the training config is untouched
+    for stage in (0, 1, 2):
+        config = reference_deepspeed_config({"zero_optimization": {"stage": stage, "overlap_comm": True}})
+        assert config["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+
+
+def test_parameter_counts_of_a_plain_model(tiny_model):
+    total = sum(p.numel() for p in tiny_model.parameters())
+    assert parameter_counts(tiny_model) == (total, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workspace: a tiny target, LUME-format data, hand-made negatives, MIA documents
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def sentence_rows(split: str, start: int, stop: int):
+    """LUME sentence-completion rows (`...sc1`): the first half of a fact's sentence, the rest as the completion."""
+    rows = []
+    for i, (_, answer) in enumerate(FACTS[start:stop], start=start):
+        words = answer.split()
+        half = len(words) // 2
+        rows.append({"id": f"{split}{100 + i:03d}sc1", "input": " ".join(words[:half]),
+                     "output": " ".join(words[half:]), "task": "Task1", "split": split})  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("distributed")
+    model = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    model.save_pretrained(root / "target")
+    tiny_tokenizer.save_pretrained(root / "target")
+    forget = fact_rows("forget", 0, 8)
+    write_jsonl(root / "data" / "forget.jsonl", forget)
+    write_jsonl(root / "data" / "retain.jsonl", fact_rows("retain", 0, 8))
+    negatives = [
+        negative_row({"id": r["id"], "completion": r["output"]}, level, f"not {r['output']} ({level})", "perturb", 0)
+        for r in forget
+        for level in (1, 2)
+    ]
+    write_jsonl(root / "negatives.jsonl", negatives)
+    # Evaluation data with an odd number of examples and documents: the 2 shards are uneven.
+    write_jsonl(root / "eval" / "forget.jsonl", fact_rows("forget", 0, 3) + sentence_rows("forget", 0, 2))
+    write_jsonl(root / "eval" / "retain.jsonl", fact_rows("retain", 4, 6) + sentence_rows("retain", 4, 6))
+    texts = [f"{q} {a}" for q, a in FACTS]
+    write_jsonl(root / "mia" / "member.jsonl", [{"id": f"m{i}", "document": t} for i, t in enumerate(texts[:3])])
+    write_jsonl(root / "mia" / "nonmember.jsonl", [{"id": f"n{i}", "document": t} for i, t in enumerate(texts[3:])])
+    return root
+
+
+@pytest.fixture(scope="module")
+def launch_env(request, tmp_path_factory):
+    """The launcher's environment: one thread per process, DeepSpeed's JIT-built extension cached across runs
+    (in pytest's cache folder; in a temporary one when the cache plugin is off)."""
+    cache = getattr(request.config, "cache", None)
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        cache.mkdir("torch_extensions") if cache is not None else tmp_path_factory.mktemp("torch_extensions")
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=extensions)
+    for name in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK"):  # the launch must work without them
+        env.pop(name, None)
+    return env
+
+
+def unlearn_arguments(workspace, output_dir, peft: bool, batch_size: int) -> list[str]:
+    arguments = [
+        "--model_name_or_path", str(workspace / "target"), "--data_dir", str(workspace / "data"),
+        "--negatives_path", str(workspace / "negatives.jsonl"), "--loss_terms", "ga", "klr", "gnm",
+        "--max_steps", "3", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--seed", "0", "--per_device_train_batch_size", str(batch_size),
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    return arguments + (PEFT_FLAGS if peft else [])
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gnm_with_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def error_lines(log: str) -> str:
+    """The lines of a launcher log that say what went wrong (the tail alone is torch's summary)."""
+    keep = [line for line in log.splitlines() if re.search(r"error|terminate|abort|exception|traceback", line, re.I)]
+    return "\n".join(keep[:40]) + "\n" + log[-2000:]
+
+
+def launch(workspace, env, launcher_flags: list[str], command: list[str]):
+    """Run `command` (script arguments) under `accelerate launch` with 2 processes. One retry: the free port
+    accelerate picks can be taken by another job before gloo binds it (a real failure fails twice)."""
+    failures = []
+    for _ in range(2):
+        shutil.rmtree(command[0], ignore_errors=True)  # the report folder: no rank file left from a failed try
+        result = subprocess.run(LAUNCH + launcher_flags + [SCRIPT, *command], env=env, cwd=workspace,
+                                capture_output=True, text=True, timeout=480)  # fmt: skip
+        if result.returncode == 0:
+            return
+        failures.append(error_lines(result.stdout + result.stderr))
+    pytest.fail("\n---\n".join(failures))
+
+
+def reports(report_dir) -> list[dict]:
+    found = sorted(name for name in os.listdir(report_dir) if name.startswith("rank"))
+    return [json.loads((report_dir / name).read_text()) for name in found]
+
+
+def logged_steps(run_dir) -> list[dict[str, float]]:
+    """Per-step losses, NLLs and gradient norm from trainer_state.json."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    keep = lambda key: key.startswith(("loss", "nll_")) or key == "grad_norm"  # noqa: E731
+    return [{key: value for key, value in entry.items() if keep(key)} for entry in history if "loss" in entry]
+
+
+def max_difference(steps, baseline_steps) -> float:
+    assert len(steps) == len(baseline_steps) == 3
+    assert all(step.keys() == base.keys() for step, base in zip(steps, baseline_steps))
+    return max(abs(step[key] - base[key]) for step, base in zip(steps, baseline_steps) for key in step)
+
+
+def relative_update_difference(weights, baseline_weights, initial_weights) -> float:
+    """‖W − W_one‖ / ‖W_one − W_0‖: how far a run's trained weights are from the one-process run's, relative to
+    how far training moved them. (An elementwise bound would not hold: Adam turns gradients of order 1e-9, pure
+    rounding noise, into updates of up to the learning rate, so a handful of weights differ by ~1e-4.)"""
+    assert weights.keys() == baseline_weights.keys() == initial_weights.keys()
+    difference = sum((weights[k].double() - baseline_weights[k].double()).pow(2).sum() for k in weights)
+    update = sum((baseline_weights[k].double() - initial_weights[k].double()).pow(2).sum() for k in weights)
+    return (difference / update).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def baselines(workspace):
+    """One process at batch 4, full model and LoRA, through the same script (in this process)."""
+    script = load_script()
+    runs = {}
+    for peft in (False, True):
+        run_dir = workspace / f"one_{'peft' if peft else 'full'}"
+        arguments = unlearn_arguments(workspace, run_dir, peft, batch_size=4)
+        assert script.main([str(workspace / f"report_{run_dir.name}"), "unlearn", *arguments]) == 0
+        runs[peft] = run_dir
+    return runs
+
+
+def effective_weights(run_dir, workspace, peft: bool) -> dict[str, torch.Tensor]:
+    """The saved result loaded back as a user would (the adapter over the base, or the full model), as full weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if run_dir is None:
+        return AutoModelForCausalLM.from_pretrained(workspace / "target").state_dict()
+    if peft:
+        base = AutoModelForCausalLM.from_pretrained(workspace / "target")
+        return PeftModel.from_pretrained(base, run_dir).merge_and_unload().state_dict()
+    return AutoModelForCausalLM.from_pretrained(run_dir).state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: DDP, ZeRO-2, ZeRO-3 (LoRA and full model) against one process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "peft"),
+    [("ddp", True), ("zero2", False), ("zero3", True), ("zero3", False)],
+    ids=["ddp-lora", "zero2-full", "zero3-lora", "zero3-full"],
+)
+def test_two_processes_train_like_one(workspace, launch_env, baselines, setting, peft):
+    if setting.startswith("zero"):
+        assert importlib.util.find_spec("deepspeed"), "DeepSpeed is needed: pip install -e '.[deepspeed]'"
+    name = f"{setting}_{'peft' if peft else 'full'}"
+    run_dir, report_dir = workspace / name, workspace / f"report_{name}"
+    arguments = unlearn_arguments(workspace, run_dir, peft, batch_size=2)
+    launch(workspace, launch_env, SETTINGS[setting], [str(report_dir), "unlearn", *arguments])
+
+    ranks = reports(report_dir)
+    assert [r["process_index"] for r in ranks] == [0, 1], "accelerate ran fewer than 2 processes"
+    assert all(r["num_processes"] == 2 for r in ranks)
+    expected_type = "MULTI_CPU" if setting == "ddp" else "DEEPSPEED"
+    assert {r["distributed_type"] for r in ranks} == {expected_type}
+    for r in ranks:
+        assert r["reference_mode"] == ("adapter_disabled" if peft else "copy")
+        if peft:
+            assert r["reference_type"] is None  # the adapter-disabled model itself: no second copy
+            continue
+        assert r["reference_type"] == "DeepSpeedEngine" and r["reference_training"] is False
+        if setting == "zero3":  # sharded like the trained model, never a full replica per process
+            assert r["zero_stage"] == 3 and r["zero3_init"]
+            assert r["reference_local_elements"] <= 0.55 * r["reference_total_elements"]
+            assert r["model_local_elements"] <= 0.55 * r["model_total_elements"]
+        else:  # ZeRO-2 trains replicated weights: the reference is a stage-0 replica
+            assert r["zero_stage"] == 2
+            assert r["reference_local_elements"] == r["reference_total_elements"]
+
+    steps, baseline_steps = logged_steps(run_dir), logged_steps(baselines[peft])
+    difference = max_difference(steps, baseline_steps)
+    weights = relative_update_difference(
+        effective_weights(run_dir, workspace, peft),
+        effective_weights(baselines[peft], workspace, peft),
+        effective_weights(None, workspace, peft),
+    )
+    print(f"\n{name}: max |loss/term/grad-norm difference| over 3 steps = {difference:.2e}; "
+          f"relative weight-update difference = {weights:.2e}")  # fmt: skip
+    assert steps[0]["loss_klr"] < 1e-6  # the reference equals the model at step 1: a faithful copy or base
+    assert difference <= TOLERANCE
+    assert weights <= WEIGHT_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_two_process_evaluation_equals_one_process(workspace, launch_env):
+    def arguments(output_dir):
+        return ["--model", str(workspace / "target"), "--data", str(workspace / "eval"),
+                "--mia-data", str(workspace / "mia"), "--max-new-tokens", "8", "--batch-size", "2",
+                "--output-dir", str(output_dir)]  # fmt: skip
+
+    script = load_script()
+    assert script.main([str(workspace / "report_eval_one"), "evaluate", *arguments(workspace / "eval_one")]) == 0
+    command = [str(workspace / "report_eval_two"), "evaluate", *arguments(workspace / "eval_two")]
+    launch(workspace, launch_env, ["--multi_gpu"], command)
+
+    ranks = reports(workspace / "report_eval_two")
+    assert [(r["process_index"], r["num_processes"]) for r in ranks] == [(0, 2), (1, 2)]
+    for name in ("evaluation_results.json", "per_example.jsonl"):
+        assert (workspace / "eval_two" / name).read_bytes() == (workspace / "eval_one" / name).read_bytes(), name
+    results = json.loads((workspace / "eval_one" / "evaluation_results.json").read_text())
+    assert results["mia_loss_acc"] is not None and results["forget-set"]["Task1"]["regurgitation-score"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 reference (the function alone: accelerate only selects FSDP on GPUs)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_fsdp2_reference_is_sharded_per_layer_and_stays_sharded(tmp_path, launch_env):
+    script = os.path.join(REPO, "tests", "distributed_scripts", "fsdp2_reference.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+               str(tmp_path / "report")]  # fmt: skip
+    result = subprocess.run(command, env=launch_env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, error_lines(result.stdout + result.stderr)
+    ranks = reports(tmp_path / "report")
+    assert [r["process_index"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["reference_type"].startswith("FSDP") and r["root_sharded"] and all(r["layers_sharded"])
+        assert r["reference_training"] is False and r["requires_grad"] is False
+        # after a forward pass too: exactly half of every parameter on each of the 2 processes
+        assert 2 * r["reference_local_elements"] == r["reference_total_elements"]
+        assert r["max_logit_difference"] == 0.0  # rank 1 started from other weights: it got rank 0's
