@@ -115,3 +115,26 @@ def test_missing_and_empty_sources(tmp_path):
     (tmp_path / "forget.jsonl").write_text('{"id": "a", "input": "q", "output": "x"}\n{broken\n')
     with pytest.raises(GNMInputError, match="line 2: invalid JSON"):
         load_unlearning_data(str(tmp_path), "forget")
+
+
+def test_hub_dataset_id_goes_through_load_dataset(monkeypatch):
+    """A Hub id is read with `datasets.load_dataset` and its `forget_train`/`retain_train` splits (as the SemEval
+    dataset names them); faked here because no machine of this project reaches the Hub."""
+    requested = []
+
+    def fake_load_dataset(name):
+        requested.append(name)
+        return datasets.DatasetDict(
+            {
+                "forget_train": datasets.Dataset.from_list(fact_rows("forget", 0, 3)),
+                "retain_train": datasets.Dataset.from_list(fact_rows("retain", 4, 6)),
+            }
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    forget, retain = load_unlearning_splits("someorg/unlearning-data")
+    assert requested == ["someorg/unlearning-data"] * 2
+    assert len(forget) == 3 and len(retain) == 2
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(GNMInputError, match="someorg/unlearning-data: could not load it from the Hub"):
+        load_unlearning_data("someorg/unlearning-data", "forget")

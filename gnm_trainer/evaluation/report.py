@@ -91,9 +91,10 @@ def plot_results(path: str, before_results: Mapping[str, Any], after_results: Ma
         axis.set_ylim(0, 1.05)
         axis.set_title(label)
     axes[0].set_ylabel("score")
-    axes[1].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize="small", frameon=False)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the bars, which it must not hide
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
     plt.close(figure)
