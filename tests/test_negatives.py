@@ -61,8 +61,11 @@ def read_jsonl(path, limit=None):
 
 @pytest.fixture(scope="module")
 def varied_rows():
-    """Forget rows of every kind: the PII rows, and LUME rows of the three tasks when the data is there."""
-    rows = list(PII_ROWS)
+    """Forget rows of every kind: the PII rows, synthetic rows of the three tasks, and LUME rows of the three tasks
+    when the data is there (so the tests exercise the same cases with or without it)."""
+    from gnm_trainer.data.synthetic import make_synthetic_lume
+
+    rows = list(PII_ROWS) + make_synthetic_lume(seed=3)["forget_train"][:24]
     lume = os.path.join(LUME_DIR, "forget_train.jsonl")
     if os.path.isfile(lume):
         lume_rows = read_jsonl(lume)
@@ -73,8 +76,10 @@ def varied_rows():
 
 @pytest.fixture(scope="module")
 def pool_rows():
+    from gnm_trainer.data.synthetic import make_synthetic_lume
+
     lume = os.path.join(LUME_DIR, "retain_train.jsonl")
-    return read_jsonl(lume, limit=200) if os.path.isfile(lume) else None
+    return read_jsonl(lume, limit=200) if os.path.isfile(lume) else make_synthetic_lume(seed=3)["retain_train"]
 
 
 def by_id(negatives):

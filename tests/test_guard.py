@@ -1,0 +1,205 @@
+"""CollapseGuard: the threshold rule on its own, then on tiny models: an aggressive gradient-ascent run is stopped
+(and rolled back to the last checkpoint saved before the collapse), a NaN loss stops it, a normal run is left alone."""
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import fact_rows
+from safetensors.torch import load_file
+
+from gnm_trainer import losses
+from gnm_trainer.errors import GNMInputError
+from gnm_trainer.gnm_config import GNMConfig
+from gnm_trainer.gnm_trainer import GNMTrainer
+from gnm_trainer.guard import CollapseGuard, checkpoints_before, collapse_threshold
+
+
+class GuardedTrainer(GNMTrainer):
+    """Forwards each training micro-batch's values to the guard, as GNMTrainer._record_metrics will once wired."""
+
+    guard: CollapseGuard | None = None
+
+    def _record_metrics(self, model, terms, nll, extra) -> None:
+        super()._record_metrics(model, terms, nll, extra)
+        if model.training and self.guard is not None:
+            self.guard.observe(self.state.global_step, {name: values[-1] for name, values in self._metrics["train"].items()})
+
+
+def guarded_trainer(model, tokenizer, tmp_path, guard, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=30,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=7,
+        max_length=64,
+        # Aggressive on purpose: gradient ascent with a huge constant SGD step and a token retain term.
+        loss_terms=["ga", "gd"],
+        gd_weight=0.01,
+        optim="sgd",
+        learning_rate=5.0,
+        lr_scheduler_type="constant",
+    )
+    values.update(overrides)
+    trainer = GuardedTrainer(
+        model,
+        GNMConfig(**values),
+        train_dataset=fact_rows("forget", 0, 4),
+        retain_dataset=fact_rows("retain", 4, 8),
+        processing_class=tokenizer,
+        callbacks=[guard],
+    )
+    trainer.guard = guard
+    return trainer
+
+
+# ---- the rule ----------------------------------------------------------------------------------------------------
+
+
+def test_threshold_is_ratio_or_absolute_floor_whichever_is_higher():
+    assert collapse_threshold(6.0, 3.0, 0.5) == pytest.approx(18.0)
+    assert collapse_threshold(0.01, 3.0, 0.5) == pytest.approx(0.51)
+
+
+def test_reference_is_mean_of_warmup_and_near_zero_nll_does_not_trip_on_noise():
+    guard = CollapseGuard(warmup=2)
+    assert not guard.observe(0, {"nll_retain": 0.01, "loss_gd": 0.01})
+    assert not guard.observe(0, {"nll_retain": 0.03, "loss_gd": 0.03})
+    assert guard.reference == pytest.approx(0.02)
+    assert not guard.observe(1, {"nll_retain": 0.4})  # 20x the reference, but within the 0.5-nat floor
+    assert guard.observe(2, {"nll_retain": 0.6})
+    assert guard._pending["reason"] == "retain_nll" and guard._pending["step"] == 2
+
+
+def test_non_finite_value_is_a_collapse_even_without_retain_nll():
+    guard = CollapseGuard()
+    assert not guard.observe(0, {"loss_ga": -3.0})
+    assert guard.observe(1, {"loss_ga": float("-inf")})
+    assert guard._pending["metric"] == "loss_ga"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(max_retain_nll_ratio=1.0), dict(min_retain_nll_increase=-1), dict(warmup=0), dict(action="undo")],
+)
+def test_bad_settings_are_input_errors(options):
+    with pytest.raises(GNMInputError):
+        CollapseGuard(**options)
+
+
+def test_checkpoints_before_keeps_only_earlier_steps(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-5", "checkpoint-x", "other"):
+        (tmp_path / name).mkdir()
+    assert [step for step, _ in checkpoints_before(str(tmp_path), 10)] == [2, 5]
+
+
+# ---- on a tiny model ---------------------------------------------------------------------------------------------
+
+
+def test_aggressive_ascent_stops_early_and_rolls_back_to_last_good_checkpoint(tiny_model, tiny_tokenizer, tmp_path, caplog):
+    guard = CollapseGuard()
+    trainer = guarded_trainer(
+        tiny_model, tiny_tokenizer, tmp_path, guard, save_strategy="steps", save_steps=1, save_only_model=True
+    )
+    trainer.train()
+
+    assert trainer.state.global_step < 30
+    (event,) = guard.events
+    collapse_step = event["step"]
+    assert event["reason"] == "retain_nll" and event["value"] > event["threshold"] == pytest.approx(3 * guard.reference)
+    logged = [entry for entry in trainer.state.log_history if "collapse_guard/reason" in entry]
+    assert logged and logged[0]["collapse_guard/step"] == collapse_step
+    # The retain NLL logged before the collapse stayed under the threshold: the earlier weights were good.
+    # (an entry logged at step k holds the values computed on the weights after k - 1 updates)
+    before = [e["nll_retain"] for e in trainer.state.log_history if "nll_retain" in e and e["step"] <= collapse_step]
+    assert len(before) == collapse_step and max(before) <= event["threshold"]
+    assert f"nll_retain = {event['value']}" in caplog.text and "training stopped" in caplog.text
+
+    good = os.path.join(trainer.args.output_dir, f"checkpoint-{collapse_step - 1}")
+    assert event["action"] == f"rolled back to {good} (step {collapse_step - 1})"
+    saved = load_file(os.path.join(good, "model.safetensors"))
+    current = trainer.model.state_dict()
+    assert all(torch.equal(current[name], tensor) for name, tensor in saved.items())
+    # The step at which training stopped wrote no checkpoint of the collapsed weights.
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}"))
+    # The final save writes the last good weights.
+    trainer.save_model()
+    final = load_file(os.path.join(trainer.args.output_dir, "model.safetensors"))
+    assert all(torch.equal(final[name], tensor) for name, tensor in saved.items())
+    assert guard.summary()["collapsed"] is True
+
+
+def nan_after(monkeypatch, calls_before_nan: int) -> None:
+    """Make `losses.completion_nll` return NaN after `calls_before_nan` calls (the trainer calls it once per group)."""
+    real_nll, calls = losses.completion_nll, []
+
+    def nll_turning_nan(*args, **kwargs):
+        calls.append(1)
+        value = real_nll(*args, **kwargs)
+        return value * float("nan") if len(calls) > calls_before_nan else value
+
+    monkeypatch.setattr(losses, "completion_nll", nll_turning_nan)
+
+
+def test_rollback_restores_a_lora_adapter(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    nan_after(monkeypatch, 6)  # forget + retain per step: NaN on the weights after 3 updates
+    guard = CollapseGuard()
+    trainer = GuardedTrainer(
+        tiny_model,
+        GNMConfig(
+            output_dir=str(tmp_path / "out"), max_steps=30, per_device_train_batch_size=2, report_to="none",
+            save_strategy="steps", save_steps=1, save_only_model=True, max_length=64, loss_terms=["ga", "gd"],
+            learning_rate=1e-2,
+        ),
+        train_dataset=fact_rows("forget", 0, 4),
+        retain_dataset=fact_rows("retain", 4, 8),
+        processing_class=tiny_tokenizer,
+        callbacks=[guard],
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    trainer.guard = guard
+    trainer.train()
+    (event,) = guard.events
+    good = os.path.join(trainer.args.output_dir, "checkpoint-2")
+    assert event["step"] == 3 and event["action"] == f"rolled back to {good} (step 2)"
+    saved = load_file(os.path.join(good, "adapter_model.safetensors"))
+    current = get_peft_model_state_dict(trainer.model)
+    assert saved.keys() == current.keys()
+    assert all(torch.equal(current[name], tensor) for name, tensor in saved.items())
+
+
+def test_rollback_without_checkpoint_falls_back_to_stop(tiny_model, tiny_tokenizer, tmp_path):
+    guard = CollapseGuard()
+    trainer = guarded_trainer(tiny_model, tiny_tokenizer, tmp_path, guard)
+    trainer.train()
+    (event,) = guard.events
+    assert trainer.state.global_step == event["step"] + 1 < 30
+    assert event["action"].startswith("stopped; no checkpoint saved before step")
+
+
+def test_nan_loss_triggers_the_guard(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    nan_after(monkeypatch, 4)  # forget + retain per step: NaN on the weights after 2 updates
+    guard = CollapseGuard(action="stop")
+    trainer = guarded_trainer(tiny_model, tiny_tokenizer, tmp_path, guard, optim="adamw_torch", learning_rate=1e-4)
+    trainer.train()
+    (event,) = guard.events
+    assert event["reason"] == "non-finite" and math.isnan(event["value"]) and event["step"] == 2
+    assert event["action"] == "stopped" and trainer.state.global_step == 3
+
+
+def test_normal_run_does_not_trigger(tiny_model, tiny_tokenizer, tmp_path):
+    guard = CollapseGuard()
+    trainer = guarded_trainer(
+        tiny_model, tiny_tokenizer, tmp_path, guard, max_steps=6, loss_terms=["ga", "klr"], gd_weight=None,
+        optim="adamw_torch", learning_rate=1e-4,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 6
+    summary = guard.summary()
+    assert summary["collapsed"] is False and summary["observations"] == 6 and summary["reference_retain_nll"] > 0
