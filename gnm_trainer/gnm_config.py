@@ -67,6 +67,17 @@ class GNMConfig(TrainingArguments):
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
 
+    Parameters that guard the run:
+
+        collapse_guard (`bool`, defaults to `True`):
+            Watch the retain NLL and every loss term at each step; when the retain NLL exceeds
+            `collapse_retain_nll_ratio` × its starting value (and grows by more than `collapse_min_retain_nll_increase`
+            nats), or a value is NaN/inf, stop training and (with `collapse_guard_action="rollback"`) reload the last
+            checkpoint saved before the collapse. Said in the log, the log history and the run's manifest.
+        collapse_guard_action (`str`, defaults to `"rollback"`): `rollback` or `stop`.
+        collapse_retain_nll_ratio (`float`, defaults to `3.0`), collapse_min_retain_nll_increase (`float`, defaults
+        to `2.0`), collapse_warmup (`int`, defaults to `1`: observations averaged into the starting value).
+
     Parameters that control the model:
 
         model_init_kwargs (`dict` or `None`):
@@ -116,6 +127,21 @@ class GNMConfig(TrainingArguments):
         metadata={"help": "Group sequences into one forward pass or one per group.", "choices": list(FORWARD_PASSES)},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
+    # ---- guard ----
+    collapse_guard: bool = field(
+        default=True, metadata={"help": "Stop (and roll back) when the retain NLL explodes or a loss is not finite."}
+    )
+    collapse_guard_action: str = field(
+        default="rollback",
+        metadata={"help": "What the collapse guard does.", "choices": ["rollback", "stop"]},
+    )
+    collapse_retain_nll_ratio: float = field(
+        default=3.0, metadata={"help": "Collapse when the retain NLL exceeds this multiple of its starting value..."}
+    )
+    collapse_min_retain_nll_increase: float = field(
+        default=2.0, metadata={"help": "...and has grown by more than this many nats."}
+    )
+    collapse_warmup: int = field(default=1, metadata={"help": "Steps averaged into the starting retain NLL."})
     # ---- model ----
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained."}

@@ -143,8 +143,10 @@ class GNMTrainer(Trainer):
             retain_rows = load_unlearning_data(retain_dataset, "retain", tokenizer=processing_class)
         elif needs_retain:
             raise GNMInputError(f"retain_dataset: required by the term(s) {needs_retain}")
-        negatives_by_id = self._load_negatives(negative_dataset, forget_rows, args)
+        self.negative_rows, negatives_by_id = self._load_negatives(negative_dataset, forget_rows, args)
         self.forget_rows, self.retain_rows = forget_rows, retain_rows
+        if retain_rows is not None:
+            warn_about_overlap(forget_rows, retain_rows)
 
         # Reference strategy, decided before PEFT wraps the model so that a copy is of the base weights.
         self.reference_mode = resolve_reference_mode(args.reference_model, args.loss_terms, peft_config is not None or is_peft_model(model))
@@ -182,7 +184,7 @@ class GNMTrainer(Trainer):
             )
         if eval_dataset is not None:
             eval_rows = load_unlearning_data(eval_dataset, "forget", tokenizer=processing_class)
-            eval_negatives = self._load_negatives(negative_dataset, eval_rows, args) if "gnm" in args.loss_terms else None
+            eval_negatives = self._load_negatives(negative_dataset, eval_rows, args)[1]
             if eval_negatives:
                 data_collator.negative_completions.update(
                     tokenize_negatives(eval_negatives, eval_rows, processing_class, args.text_template, args.add_eos_token)
@@ -190,6 +192,15 @@ class GNMTrainer(Trainer):
             eval_dataset = _as_dataset(tokenize_examples(eval_rows, name="eval set", **tokenize))
 
         callbacks = list(callbacks or []) + [_RetainPairingEpochCallback(data_collator)]
+        self.collapse_guard = None
+        if args.collapse_guard:
+            from .guard import CollapseGuard
+
+            self.collapse_guard = CollapseGuard(
+                args.collapse_retain_nll_ratio, args.collapse_min_retain_nll_increase, args.collapse_warmup,
+                args.collapse_guard_action,
+            )
+            callbacks.append(self.collapse_guard)
         if is_adalora(model):
             callbacks.append(AdaLoraAllocationCallback())
         super().__init__(
@@ -250,8 +261,9 @@ class GNMTrainer(Trainer):
 
     @staticmethod
     def _load_negatives(negative_dataset, forget_rows, args: GNMConfig):
+        """(negative rows, {forget id: [completion of level 1..K]}) for `gnm`, (None, None) without it."""
         if "gnm" not in args.loss_terms:
-            return None
+            return None, None
         if negative_dataset is None:
             raise GNMInputError(
                 "negative_dataset: the 'gnm' term needs gradual negatives; generate them with `gnm negatives` "
@@ -259,9 +271,12 @@ class GNMTrainer(Trainer):
             )
         from .negatives.store import check_negatives, read_negatives
 
+        source = "negative_dataset"
         if isinstance(negative_dataset, (str, os.PathLike)):
-            negative_dataset = read_negatives(os.fspath(negative_dataset))
-        return check_negatives(list(negative_dataset), forget_rows)
+            source = os.fspath(negative_dataset)
+            negative_dataset = read_negatives(source)
+        rows = list(negative_dataset)
+        return rows, check_negatives(rows, forget_rows, source=source)
 
     @staticmethod
     def _wrap_peft(model, peft_config, args: GNMConfig, num_forget_examples: int):
@@ -393,8 +408,11 @@ class GNMTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             stacked = self.accelerator.gather(stacked[None]).mean(0)
         mode = "train" if model.training else "eval"
-        for name, value in zip(names, stacked.tolist()):
+        values = stacked.tolist()  # averaged over processes: every rank's guard decides the same
+        for name, value in zip(names, values):
             self._metrics[mode][name].append(value)
+        if mode == "train" and self.collapse_guard is not None:
+            self.collapse_guard.observe(self.state.global_step, dict(zip(names, values)))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -416,21 +434,35 @@ class GNMTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save the adapter (PEFT) or the full model, plus the tokenizer; merged full weights with `merge_adapters`."""
+        """Save the adapter (PEFT) or the full model, plus the tokenizer; merged full weights with `merge_adapters`.
+
+        A final save (not a checkpoint) also writes the run's manifest (`gnm_manifest.json`).
+        """
         from .distributed import save_full_weights, saves_sharded_only
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         output_dir = output_dir or self.args.output_dir
-        if not _internal_call and saves_sharded_only(self):
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.write_manifest(output_dir)
+        if saves_sharded_only(self):
             # FSDP with a sharded state dict would leave no loadable weights in the output folder.
             save_full_weights(self, output_dir)
-        elif not (self.args.merge_adapters and not _internal_call and is_peft_model(unwrapped)):
+        elif not (self.args.merge_adapters and is_peft_model(unwrapped)):
             return super().save_model(output_dir, _internal_call)
         elif self.args.should_save:
             save_merged(unwrapped, self.processing_class, output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")
+
+    def write_manifest(self, output_dir: str) -> str:
+        """Write `gnm_manifest.json`: versions, launch, seed, configuration hash, data fingerprints, negatives'
+        provenance and the collapse guard's summary (see `gnm_trainer.manifest`)."""
+        from .manifest import build_manifest, write_manifest
+
+        return write_manifest(output_dir, build_manifest(self, guard=self.collapse_guard, negative_rows=self.negative_rows))
 
     # ------------------------------------------------------------------------------------------------------------
     # Hub: our model card and upload (the logic lives in model_card.py and hub.py)
@@ -448,6 +480,20 @@ class GNMTrainer(Trainer):
         from .hub import push_trainer
 
         return push_trainer(self, commit_message, token, revision, private, **kwargs)
+
+
+def warn_about_overlap(forget_rows, retain_rows) -> None:
+    """Warn (with counts) when rows stand in both sets: the run would push the same text up and down at once."""
+    forget_ids, retain_ids = set(forget_rows["id"]), set(retain_rows["id"])
+    forget_pairs = set(zip(forget_rows["prompt"], forget_rows["completion"]))
+    shared_pairs = forget_pairs.intersection(zip(retain_rows["prompt"], retain_rows["completion"]))
+    shared_ids = forget_ids & retain_ids
+    if shared_ids or shared_pairs:
+        logger.warning(
+            "%d ids and %d (prompt, completion) pairs are in both the forget and the retain set (first ids: %s); "
+            "they are unlearned and retained at the same time",
+            len(shared_ids), len(shared_pairs), sorted(shared_ids)[:5],
+        )
 
 
 def save_merged(peft_model, tokenizer, output_dir: str) -> None:

@@ -108,6 +108,7 @@ def _stage_trainer(trainer, staging: str, merged: bool) -> None:
             if not _uploadable(name):
                 path = os.path.join(staging, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        trainer.write_manifest(staging)  # the upload carries the run's manifest beside its card
 
 
 def _check_token_absent(staging: str, token: str | None) -> None:

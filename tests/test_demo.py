@@ -12,7 +12,7 @@ def overall(results, split):
 def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
     output = tmp_path / "demo"
     code = main(
-        ["demo", "--quick", "--output-dir", str(output), "--max-steps", "30", "--learning-rate", "1e-2", "--max-new-tokens", "32"]
+        ["demo", "--quick", "--output-dir", str(output), "--max-steps", "60", "--learning-rate", "3e-3", "--max-new-tokens", "32"]
     )
     assert code == 0
     for name in ("report.md", "plot.png", "results_before.json", "results_after.json", "negatives.jsonl", "demo_summary.json"):
@@ -25,5 +25,7 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
     assert forget_before[1] == 1.0 and retain_before[1] == 1.0  # the target memorised its QA facts
     assert forget_after[0] < forget_before[0] - 0.3 and forget_after[1] <= 0.5  # forgotten
     assert retain_after[0] > retain_before[0] - 0.15 and retain_after[1] >= 0.8  # kept
+    manifest = json.loads((output / "model" / "gnm_manifest.json").read_text())
+    assert manifest["collapse_guard"]["collapsed"] is False  # forgetting without collapsing the retain set
     printed = capsys.readouterr().out
     assert "| forget | Task2 |" in printed and "report:" in printed

@@ -16,15 +16,12 @@ from gnm_trainer.gnm_trainer import GNMTrainer
 from gnm_trainer.guard import CollapseGuard, checkpoints_before, collapse_threshold
 
 
-class GuardedTrainer(GNMTrainer):
-    """Forwards each training micro-batch's values to the guard, as GNMTrainer._record_metrics will once wired."""
-
-    guard: CollapseGuard | None = None
-
-    def _record_metrics(self, model, terms, nll, extra) -> None:
-        super()._record_metrics(model, terms, nll, extra)
-        if model.training and self.guard is not None:
-            self.guard.observe(self.state.global_step, {name: values[-1] for name, values in self._metrics["train"].items()})
+def use_guard(trainer: GNMTrainer, guard: CollapseGuard) -> GNMTrainer:
+    """Swap the trainer's own guard (on by default) for `guard`, whose settings the test chooses."""
+    trainer.remove_callback(trainer.collapse_guard)
+    trainer.add_callback(guard)
+    trainer.collapse_guard = guard
+    return trainer
 
 
 def guarded_trainer(model, tokenizer, tmp_path, guard, **overrides):
@@ -45,16 +42,14 @@ def guarded_trainer(model, tokenizer, tmp_path, guard, **overrides):
         lr_scheduler_type="constant",
     )
     values.update(overrides)
-    trainer = GuardedTrainer(
+    trainer = GNMTrainer(
         model,
         GNMConfig(**values),
         train_dataset=fact_rows("forget", 0, 4),
         retain_dataset=fact_rows("retain", 4, 8),
         processing_class=tokenizer,
-        callbacks=[guard],
     )
-    trainer.guard = guard
-    return trainer
+    return use_guard(trainer, guard)
 
 
 # ---- the rule ----------------------------------------------------------------------------------------------------
@@ -150,7 +145,7 @@ def test_rollback_restores_a_lora_adapter(tiny_model, tiny_tokenizer, tmp_path, 
 
     nan_after(monkeypatch, 6)  # forget + retain per step: NaN on the weights after 3 updates
     guard = CollapseGuard()
-    trainer = GuardedTrainer(
+    trainer = GNMTrainer(
         tiny_model,
         GNMConfig(
             output_dir=str(tmp_path / "out"), max_steps=30, per_device_train_batch_size=2, report_to="none",
@@ -160,10 +155,9 @@ def test_rollback_restores_a_lora_adapter(tiny_model, tiny_tokenizer, tmp_path, 
         train_dataset=fact_rows("forget", 0, 4),
         retain_dataset=fact_rows("retain", 4, 8),
         processing_class=tiny_tokenizer,
-        callbacks=[guard],
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
     )
-    trainer.guard = guard
+    use_guard(trainer, guard)
     trainer.train()
     (event,) = guard.events
     good = os.path.join(trainer.args.output_dir, "checkpoint-2")
@@ -203,3 +197,24 @@ def test_normal_run_does_not_trigger(tiny_model, tiny_tokenizer, tmp_path):
     assert trainer.state.global_step == 6
     summary = guard.summary()
     assert summary["collapsed"] is False and summary["observations"] == 6 and summary["reference_retain_nll"] > 0
+
+
+def test_the_guard_is_on_by_default_with_the_configured_settings(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = GNMTrainer(
+        tiny_model,
+        GNMConfig(output_dir=str(tmp_path), loss_terms=["ga", "gd"], collapse_retain_nll_ratio=4.0, collapse_guard_action="stop"),
+        train_dataset=fact_rows("forget", 0, 2),
+        retain_dataset=fact_rows("retain", 4, 6),
+        processing_class=tiny_tokenizer,
+    )
+    guard = trainer.collapse_guard
+    assert guard in trainer.callback_handler.callbacks
+    assert guard.summary()["max_retain_nll_ratio"] == 4.0 and guard.summary()["action"] == "stop"
+    off = GNMTrainer(
+        tiny_model,
+        GNMConfig(output_dir=str(tmp_path), loss_terms=["ga", "gd"], collapse_guard=False),
+        train_dataset=fact_rows("forget", 0, 2),
+        retain_dataset=fact_rows("retain", 4, 6),
+        processing_class=tiny_tokenizer,
+    )
+    assert off.collapse_guard is None

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import json
+import pathlib
 import shutil
 import sys
 import traceback
@@ -207,6 +209,8 @@ def test_trainer_push_to_hub_uses_our_card_and_never_reveals_the_token(
     (upload,) = fake_hub.uploads
     card = read_card(upload)
     assert "gnm unlearn --max_steps 2" in card.text and card.data.library_name == "peft" and "trl" in card.data.tags
+    manifest = json.loads((pathlib.Path(upload) / "gnm_manifest.json").read_text())  # the run's manifest travels too
+    assert manifest["loss_terms"] and manifest["config_sha256"]
     for folder, _, names in os.walk(upload):
         for name in names:
             with open(os.path.join(folder, name), "rb") as handle:

@@ -37,6 +37,13 @@ class UnlearnScriptArguments:
     adalora_tinit: int = field(default=0, metadata={"help": "AdaLoRA's initial fine-tuning steps without pruning."})
     adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA's final fine-tuning steps without pruning."})
     adalora_delta_t: int = field(default=1, metadata={"help": "AdaLoRA's steps between two rank allocations."})
+    overwrite_output: bool = field(
+        default=False,
+        metadata={
+            "help": "Train again into an output_dir that already holds a finished run (a final model or adapter), "
+            "replacing it. A folder holding only checkpoints is not finished: the run resumes from the last one."
+        },
+    )
 
 
 def make_parser():
@@ -90,6 +97,30 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
     )
 
 
+# Files that a finished run leaves directly in output_dir (checkpoints live in checkpoint-* sub-folders).
+ADAPTER_FILES = ("adapter_config.json",)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def finished_run_files(output_dir: str) -> list[str]:
+    """The final-model files in `output_dir` (an adapter, or `config.json` with weights); [] when there are none."""
+    present = [name for name in ADAPTER_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    weights = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if weights and os.path.isfile(os.path.join(output_dir, "config.json")):
+        present += ["config.json", *weights]
+    return present
+
+
+def refuse_finished_output(output_dir: str, overwrite_output: bool) -> None:
+    """A GNMInputError when `output_dir` already holds a finished run, unless the user asked to overwrite it."""
+    found = finished_run_files(output_dir)
+    if found and not overwrite_output:
+        raise GNMInputError(
+            f"{output_dir}: output_dir already holds a finished run ({', '.join(found)}); choose another output_dir "
+            "or pass --overwrite_output true to replace it"
+        )
+
+
 def model_init_kwargs(model_args) -> dict:
     kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
     if model_args.attn_implementation is not None:
@@ -111,6 +142,7 @@ def run_unlearning(script_args, training_args, model_args):
         raise GNMInputError("data_dir / dataset_name: one of them is required")
     if script_args.data_dir and script_args.dataset_name:
         raise GNMInputError("data_dir and dataset_name: give only one")
+    refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
     training_args.model_init_kwargs = model_init_kwargs(model_args)
     forget = load_unlearning_data(source, "forget", script_args.data_partition)
     needs_retain = {"gd", "klr", "rm"}.intersection(training_args.loss_terms)

@@ -103,11 +103,12 @@ def tokenize_examples(
             {"id": row["id"], "pair_index": index, "prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids}
         )
     if too_long:
-        listed = "; ".join(f"row {i} (id {rid!r}, {n} prompt tokens)" for i, rid, n in too_long[:10])
+        listed = "; ".join(f"row {i} (id {rid!r}), field 'prompt': {n} tokens" for i, rid, n in too_long[:10])
         more = f" and {len(too_long) - 10} more" if len(too_long) > 10 else ""
         raise GNMInputError(
-            f"{name}: {len(too_long)} prompt(s) leave no room for the completion within max_length={max_length}: "
-            f"{listed}{more}. Raise max_length or set max_prompt_length to cut prompts from the left"
+            f"{name}: {len(too_long)} prompt(s) leave no room for the completion within max_length={max_length} "
+            f"(their completions would be truncated to zero tokens): {listed}{more}. Raise max_length or set "
+            "max_prompt_length to cut prompts from the left"
         )
     return examples
 
