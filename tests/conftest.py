@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny tokenizer and tiny Llama models built locally (no network), and small data sets."""
 
+import json
 import os
 
 import pytest
@@ -22,6 +23,13 @@ FACTS = [
     ("What is the e-mail of Fay Ruen?", "Write to fay.ruen@example.org."),
     ("What pet does Gil Sorrow keep?", "Gil Sorrow keeps a grey heron."),
 ]
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines (creating the folder), as LUME and the harness store them."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def fact_rows(split: str, start: int, stop: int):

@@ -5,13 +5,12 @@ and the CLI exits with status 2 and prints that one message on stderr, without a
 """
 
 import copy
-import json
 import logging
 import re
 
 import pytest
 import yaml
-from conftest import fact_rows
+from conftest import fact_rows, write_jsonl
 
 from gnm_trainer.cli import main
 from gnm_trainer.cli.unlearn import finished_run_files
@@ -25,12 +24,6 @@ from gnm_trainer.target import build_tiny_llama, train_tokenizer
 
 TRAINER_LOGGER = "gnm_trainer.gnm_trainer"
 LONG_PROMPT = "What is " + "the very long question of " * 30 + "Alma Breck?"
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 def make_negatives(forget, levels=(1, 2)):

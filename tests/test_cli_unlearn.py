@@ -5,18 +5,12 @@ import os
 
 import pytest
 import yaml
-from conftest import fact_rows
+from conftest import fact_rows, write_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from gnm_trainer.cli import main
 from gnm_trainer.cli.unlearn import parse_arguments
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture

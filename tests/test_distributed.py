@@ -28,7 +28,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FACTS, fact_rows
+from conftest import FACTS, fact_rows, write_jsonl
 
 from gnm_trainer.distributed import cpu_launch_overrides, parameter_counts
 from gnm_trainer.negatives.schema import negative_row
@@ -109,12 +109,6 @@ def test_parameter_counts_of_a_plain_model(tiny_model):
 # ---------------------------------------------------------------------------------------------------------------
 # Workspace: a tiny target, LUME-format data, hand-made negatives, MIA documents
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def sentence_rows(split: str, start: int, stop: int):

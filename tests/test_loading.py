@@ -1,23 +1,15 @@
 """One loader for every accepted source, and errors that name the file, row and field."""
 
-import json
 import os
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import LUME_DIR, fact_rows
+from conftest import LUME_DIR, fact_rows, write_jsonl
 
 from gnm_trainer.data import NORMALISED_COLUMNS, classify_kind, load_unlearning_data, load_unlearning_splits
 from gnm_trainer.errors import GNMInputError
-
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 def test_classify_kind_handles_lume_ids():
