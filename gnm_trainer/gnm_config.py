@@ -76,7 +76,9 @@ class GNMConfig(TrainingArguments):
             checkpoint saved before the collapse. Said in the log, the log history and the run's manifest.
         collapse_guard_action (`str`, defaults to `"rollback"`): `rollback` or `stop`.
         collapse_retain_nll_ratio (`float`, defaults to `3.0`), collapse_min_retain_nll_increase (`float`, defaults
-        to `2.0`), collapse_warmup (`int`, defaults to `1`: observations averaged into the starting value).
+        to `2.0`), collapse_warmup (`int`, defaults to `1`: observations averaged into the starting value),
+        collapse_window (`int`, defaults to `5`: the retain NLL compared is the mean of the last 5 steps, so that one
+        hard batch is not taken for a collapse; NaN/inf stops at once).
 
     Parameters that control the model:
 
@@ -142,6 +144,9 @@ class GNMConfig(TrainingArguments):
         default=2.0, metadata={"help": "...and has grown by more than this many nats."}
     )
     collapse_warmup: int = field(default=1, metadata={"help": "Steps averaged into the starting retain NLL."})
+    collapse_window: int = field(
+        default=5, metadata={"help": "Steps averaged into the retain NLL compared with the threshold."}
+    )
     # ---- model ----
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained."}

@@ -198,7 +198,7 @@ class GNMTrainer(Trainer):
 
             self.collapse_guard = CollapseGuard(
                 args.collapse_retain_nll_ratio, args.collapse_min_retain_nll_increase, args.collapse_warmup,
-                args.collapse_guard_action,
+                args.collapse_guard_action, args.collapse_window,
             )
             callbacks.append(self.collapse_guard)
         if is_adalora(model):

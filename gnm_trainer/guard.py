@@ -15,6 +15,7 @@ before the collapse, so that the final `save_model` writes the last good weights
 """
 
 import glob
+import collections
 import math
 import os
 import re
@@ -88,6 +89,8 @@ class CollapseGuard(TrainerCallback):
         max_retain_nll_ratio: collapse when the retain NLL exceeds this multiple of the reference (> 1).
         min_retain_nll_increase: ... and exceeds the reference by at least this many nats (>= 0).
         warmup: number of first observations whose mean retain NLL is the reference (>= 1).
+        window: the retain NLL compared with the threshold is the mean of the last `window` observations (>= 1), so
+            one hard batch is not a collapse; a NaN/inf value stops at once.
         action: `rollback` (stop and reload the last checkpoint saved before the collapse; plain stop when there is
             none) or `stop`.
     """
@@ -98,6 +101,7 @@ class CollapseGuard(TrainerCallback):
         min_retain_nll_increase: float = 0.5,
         warmup: int = 1,
         action: str = "rollback",
+        window: int = 1,
     ):
         if not max_retain_nll_ratio > 1:
             raise GNMInputError(f"max_retain_nll_ratio: must be > 1, got {max_retain_nll_ratio}")
@@ -105,11 +109,15 @@ class CollapseGuard(TrainerCallback):
             raise GNMInputError(f"min_retain_nll_increase: must be >= 0, got {min_retain_nll_increase}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise GNMInputError(f"warmup: must be an integer >= 1, got {warmup!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise GNMInputError(f"window: must be an integer >= 1, got {window!r}")
         if action not in ACTIONS:
             raise GNMInputError(f"action: {action!r}; expected one of {ACTIONS}")
         self.max_retain_nll_ratio = max_retain_nll_ratio
         self.min_retain_nll_increase = min_retain_nll_increase
         self.warmup = warmup
+        self.window = window
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
         self.action = action
         self.events: list[dict[str, Any]] = []
         self._warmup_values: list[float] = []
@@ -153,12 +161,14 @@ class CollapseGuard(TrainerCallback):
             if len(self._warmup_values) >= self.warmup:
                 self.reference = sum(self._warmup_values) / len(self._warmup_values)
             return False
-        if retain_nll > self.threshold:
+        self._recent.append(retain_nll)
+        recent_mean = sum(self._recent) / len(self._recent)
+        if len(self._recent) == self.window and recent_mean > self.threshold:
             self._pending = {
                 "step": step,
                 "reason": "retain_nll",
                 "metric": RETAIN_KEY,
-                "value": retain_nll,
+                "value": recent_mean,
                 "threshold": self.threshold,
             }
             return True
@@ -218,6 +228,7 @@ class CollapseGuard(TrainerCallback):
             "max_retain_nll_ratio": self.max_retain_nll_ratio,
             "min_retain_nll_increase": self.min_retain_nll_increase,
             "warmup": self.warmup,
+            "window": self.window,
             "action": self.action,
             "reference_retain_nll": self.reference,
             "threshold": self.threshold,

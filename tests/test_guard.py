@@ -70,6 +70,20 @@ def test_reference_is_mean_of_warmup_and_near_zero_nll_does_not_trip_on_noise():
     assert guard._pending["reason"] == "retain_nll" and guard._pending["step"] == 2
 
 
+def test_one_hard_batch_is_not_a_collapse_but_a_sustained_rise_is():
+    guard = CollapseGuard(min_retain_nll_increase=2.0, window=3)
+    assert not guard.observe(0, {"nll_retain": 0.05})  # the reference; threshold 2.05
+    assert not guard.observe(1, {"nll_retain": 2.9})  # one spike: the window is not full yet
+    assert not guard.observe(2, {"nll_retain": 0.1})
+    assert not guard.observe(3, {"nll_retain": 0.2})  # mean of the last 3 is 1.07
+    assert not guard.observe(4, {"nll_retain": 3.0})
+    assert guard.observe(5, {"nll_retain": 3.5})  # mean (0.2 + 3.0 + 3.5) / 3 = 2.23
+    assert guard._pending["value"] == pytest.approx(6.7 / 3)
+    assert not CollapseGuard(window=3).observe(0, {"loss_ga": 1.0}) and CollapseGuard(window=3).observe(
+        0, {"loss_ga": float("nan")}
+    )
+
+
 def test_non_finite_value_is_a_collapse_even_without_retain_nll():
     guard = CollapseGuard()
     assert not guard.observe(0, {"loss_ga": -3.0})
@@ -79,7 +93,7 @@ def test_non_finite_value_is_a_collapse_even_without_retain_nll():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(max_retain_nll_ratio=1.0), dict(min_retain_nll_increase=-1), dict(warmup=0), dict(action="undo")],
+    [dict(max_retain_nll_ratio=1.0), dict(min_retain_nll_increase=-1), dict(warmup=0), dict(action="undo"), dict(window=0)],
 )
 def test_bad_settings_are_input_errors(options):
     with pytest.raises(GNMInputError):
@@ -202,7 +216,10 @@ def test_normal_run_does_not_trigger(tiny_model, tiny_tokenizer, tmp_path):
 def test_the_guard_is_on_by_default_with_the_configured_settings(tiny_model, tiny_tokenizer, tmp_path):
     trainer = GNMTrainer(
         tiny_model,
-        GNMConfig(output_dir=str(tmp_path), loss_terms=["ga", "gd"], collapse_retain_nll_ratio=4.0, collapse_guard_action="stop"),
+        GNMConfig(
+            output_dir=str(tmp_path), loss_terms=["ga", "gd"], collapse_retain_nll_ratio=4.0, collapse_guard_action="stop",
+            collapse_window=2,
+        ),
         train_dataset=fact_rows("forget", 0, 2),
         retain_dataset=fact_rows("retain", 4, 6),
         processing_class=tiny_tokenizer,
@@ -210,6 +227,7 @@ def test_the_guard_is_on_by_default_with_the_configured_settings(tiny_model, tin
     guard = trainer.collapse_guard
     assert guard in trainer.callback_handler.callbacks
     assert guard.summary()["max_retain_nll_ratio"] == 4.0 and guard.summary()["action"] == "stop"
+    assert guard.summary()["window"] == 2
     off = GNMTrainer(
         tiny_model,
         GNMConfig(output_dir=str(tmp_path), loss_terms=["ga", "gd"], collapse_guard=False),
