@@ -40,6 +40,27 @@ def fact_rows(split: str, start: int, stop: int):
     ]
 
 
+def fact_negatives(forget, levels=(1, 2)):
+    """Gradual negatives with full provenance for LUME-format forget rows, as `gnm negatives` writes them."""
+    from gnm_trainer.negatives.schema import negative_row
+
+    return [
+        negative_row({"id": r["id"], "completion": r["output"]}, level, f"not {r['output']} ({level})", "perturb", 0)
+        for r in forget
+        for level in levels
+    ]
+
+
+def write_workspace(root, model, tokenizer, forget, retain):
+    """What `gnm unlearn` reads: a saved target (`target/`), a data folder (`data/`) and `negatives.jsonl`."""
+    model.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    write_jsonl(root / "data" / "forget.jsonl", forget)
+    write_jsonl(root / "data" / "retain.jsonl", retain)
+    write_jsonl(root / "negatives.jsonl", fact_negatives(forget))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     texts = [f"{q} {a}" for q, a in FACTS] * 4 + ["the a of in is was at to and with for on by"]

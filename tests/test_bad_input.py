@@ -10,7 +10,7 @@ import re
 
 import pytest
 import yaml
-from conftest import fact_rows, write_jsonl
+from conftest import fact_negatives, fact_rows, write_jsonl, write_workspace
 
 from gnm_trainer.cli import main
 from gnm_trainer.cli.unlearn import finished_run_files
@@ -18,20 +18,11 @@ from gnm_trainer.data import load_unlearning_data
 from gnm_trainer.errors import GNMInputError
 from gnm_trainer.gnm_config import GNMConfig
 from gnm_trainer.gnm_trainer import GNMTrainer
-from gnm_trainer.negatives.schema import negative_row
 from gnm_trainer.negatives.store import check_negatives, read_negatives
 from gnm_trainer.target import build_tiny_llama, train_tokenizer
 
 TRAINER_LOGGER = "gnm_trainer.gnm_trainer"
 LONG_PROMPT = "What is " + "the very long question of " * 30 + "Alma Breck?"
-
-
-def make_negatives(forget, levels=(1, 2)):
-    return [
-        negative_row({"id": r["id"], "completion": r["output"]}, level, f"not {r['output']} ({level})", "perturb", 0)
-        for r in forget
-        for level in levels
-    ]
 
 
 def small_config(tmp_path, **overrides):
@@ -46,13 +37,7 @@ def small_config(tmp_path, **overrides):
 @pytest.fixture
 def workspace(tmp_path, tiny_model, tiny_tokenizer):
     """A saved tiny target, a data folder, negatives and a recipe that trains one step without PEFT."""
-    tiny_model.save_pretrained(tmp_path / "target")
-    tiny_tokenizer.save_pretrained(tmp_path / "target")
-    (tmp_path / "data").mkdir()
-    forget = fact_rows("forget", 0, 4)
-    write_jsonl(tmp_path / "data" / "forget.jsonl", forget)
-    write_jsonl(tmp_path / "data" / "retain.jsonl", fact_rows("retain", 4, 8))
-    write_jsonl(tmp_path / "negatives.jsonl", make_negatives(forget))
+    write_workspace(tmp_path, tiny_model, tiny_tokenizer, fact_rows("forget", 0, 4), fact_rows("retain", 4, 8))
     recipe = {
         "model_name_or_path": str(tmp_path / "target"),
         "data_dir": str(tmp_path / "data"),
@@ -223,7 +208,7 @@ def _no_level_field(negatives):
 )
 def test_negatives_that_do_not_match_the_forget_set(workspace, capsys, tiny_model, tiny_tokenizer, spoil, expected):
     forget = fact_rows("forget", 0, 4)
-    negatives = spoil(make_negatives(forget))
+    negatives = spoil(fact_negatives(forget))
     path = str(workspace / "spoiled.jsonl")
     write_jsonl(path, negatives)
     with pytest.raises(GNMInputError) as raised:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import yaml
-from conftest import fact_rows, write_jsonl
+from conftest import fact_rows, write_workspace
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -15,20 +15,7 @@ from gnm_trainer.cli.unlearn import parse_arguments
 
 @pytest.fixture
 def workspace(tmp_path, tiny_model, tiny_tokenizer):
-    tiny_model.save_pretrained(tmp_path / "target")
-    tiny_tokenizer.save_pretrained(tmp_path / "target")
-    (tmp_path / "data").mkdir()
-    forget = fact_rows("forget", 0, 4)
-    write_jsonl(tmp_path / "data" / "forget.jsonl", forget)
-    write_jsonl(tmp_path / "data" / "retain.jsonl", fact_rows("retain", 4, 8))
-    from gnm_trainer.negatives.schema import negative_row
-
-    negatives = [
-        negative_row({"id": r["id"], "completion": r["output"]}, level, f"not {r['output']} ({level})", "perturb", 0)
-        for r in forget
-        for level in (1, 2)
-    ]
-    write_jsonl(tmp_path / "negatives.jsonl", negatives)
+    write_workspace(tmp_path, tiny_model, tiny_tokenizer, fact_rows("forget", 0, 4), fact_rows("retain", 4, 8))
     recipe = {
         "model_name_or_path": str(tmp_path / "target"),
         "data_dir": str(tmp_path / "data"),

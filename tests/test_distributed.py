@@ -28,10 +28,9 @@ import sys
 
 import pytest
 import torch
-from conftest import FACTS, fact_rows, write_jsonl
+from conftest import FACTS, fact_rows, write_jsonl, write_workspace
 
 from gnm_trainer.distributed import cpu_launch_overrides, parameter_counts
-from gnm_trainer.negatives.schema import negative_row
 from gnm_trainer.reference import reference_deepspeed_config
 from gnm_trainer.target import build_tiny_llama
 
@@ -126,17 +125,7 @@ def sentence_rows(split: str, start: int, stop: int):
 def workspace(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("distributed")
     model = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
-    model.save_pretrained(root / "target")
-    tiny_tokenizer.save_pretrained(root / "target")
-    forget = fact_rows("forget", 0, 8)
-    write_jsonl(root / "data" / "forget.jsonl", forget)
-    write_jsonl(root / "data" / "retain.jsonl", fact_rows("retain", 0, 8))
-    negatives = [
-        negative_row({"id": r["id"], "completion": r["output"]}, level, f"not {r['output']} ({level})", "perturb", 0)
-        for r in forget
-        for level in (1, 2)
-    ]
-    write_jsonl(root / "negatives.jsonl", negatives)
+    write_workspace(root, model, tiny_tokenizer, fact_rows("forget", 0, 8), fact_rows("retain", 0, 8))
     # Evaluation data with an odd number of examples and documents: the 2 shards are uneven.
     write_jsonl(root / "eval" / "forget.jsonl", fact_rows("forget", 0, 3) + sentence_rows("forget", 0, 2))
     write_jsonl(root / "eval" / "retain.jsonl", fact_rows("retain", 4, 6) + sentence_rows("retain", 4, 6))
