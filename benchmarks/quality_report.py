@@ -1,0 +1,274 @@
+"""What the quality benchmark measures on one model, and how its runs are summed up (tables, JSON, plot).
+
+Measured per evaluation (`measure_model`):
+- the official SemEval-2025 Task 4 metric through `gnm_trainer.evaluation.evaluate_model`: regurgitation R and
+  knowledge K per task and split, HM12, MIA AUC and score, and the final score without MMLU (mean of HM12 and the
+  MIA score);
+- `qa_rougeL_forget` / `qa_rougeL_retain`: mean ROUGE-L F-measure (stemmed) of the QA rows, the score the paper
+  reports for QA;
+- `heldout_nll`: mean token NLL of held-out Wikipedia documents the target never saw, the utility proxy
+  standing in for MMLU (lower is better; it rises when unlearning damages the language model);
+- `gibberish_retain`: share of retain generations that are empty or degenerate (fewer than 30% distinct words
+  among at least 8), and `collapsed`: retain knowledge (mean K over tasks) below 0.05 or more than half of the
+  retain generations gibberish.
+"""
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+
+from gnm_trainer.io_utils import atomic_path, atomic_write_json, atomic_write_text
+
+TASKS = ("Task1", "Task2", "Task3")
+SPLITS = {"forget": "forget-set", "retain": "retain-set"}
+
+
+def is_gibberish(text: str) -> bool:
+    """Empty, or at least 8 words of which fewer than 30% are distinct (a loop of the same few words)."""
+    words = text.lower().split()
+    if not words:
+        return True
+    return len(words) >= 8 and len(set(words)) / len(words) < 0.3
+
+
+def qa_rouge(rows: Sequence[dict], split: str) -> float | None:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(row["reference"], row["generation"])["rougeL"].fmeasure
+              for row in rows if row["split"] == split and row["kind"] == "qa"]
+    return sum(scores) / len(scores) if scores else None
+
+
+def _mean(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None
+
+
+def measure_model(model, tokenizer, forget, retain, documents: dict | None, preset) -> dict:
+    """Every figure of one evaluation (see the module docstring); `documents` None skips MIA and utility."""
+    from gnm_trainer.evaluation import evaluate_model
+    from gnm_trainer.evaluation.generation import document_nll
+
+    mia = {"mia_members": documents["members"], "mia_nonmembers": documents["nonmembers"]} if documents else {}
+    results, rows = evaluate_model(model, tokenizer, forget, retain, max_new_tokens=preset.max_new_tokens,
+                                   batch_size=preset.eval_batch_size, **mia)
+    metrics: dict = {}
+    for split, key in SPLITS.items():
+        for task in TASKS:
+            scores = results.get(key, {}).get(task, {})
+            metrics[f"{split}_{task}_R"] = scores.get("regurgitation-score")
+            metrics[f"{split}_{task}_K"] = scores.get("knowledge-score")
+        metrics[f"qa_rougeL_{split}"] = qa_rouge(rows, split)
+    metrics["hm12"] = results["harmonic-mean-task-aggregate"]
+    metrics["mia_auc"] = results["mia_loss_acc"]
+    metrics["mia_score"] = results["mia_final_score"]
+    metrics["final_no_mmlu"] = results["aggregate-score"] if documents else None
+    if documents and documents["heldout"]:
+        was_training = model.training
+        model.eval()
+        metrics["heldout_nll"] = _mean(document_nll(model, tokenizer, documents["heldout"],
+                                                    batch_size=preset.eval_batch_size))
+        model.train(was_training)
+    else:
+        metrics["heldout_nll"] = None
+    retain_rows = [row for row in rows if row["split"] == "retain"]
+    metrics["gibberish_retain"] = sum(is_gibberish(row["generation"]) for row in retain_rows) / max(1, len(retain_rows))
+    retain_knowledge = _mean(metrics[f"retain_{task}_K"] for task in TASKS)
+    metrics["collapsed"] = bool((retain_knowledge is not None and retain_knowledge < 0.05)
+                                or metrics["gibberish_retain"] > 0.5)
+    metrics["forgetting"] = _mean(1 - metrics[f"forget_{task}_{score}"] for task in TASKS for score in "RK"
+                                  if metrics[f"forget_{task}_{score}"] is not None)
+    metrics["retention"] = _mean(metrics[f"retain_{task}_{score}"] for task in TASKS for score in "RK")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mean_sd(values: Sequence) -> tuple[float | None, float | None]:
+    values = [float(value) for value in values if value is not None and not math.isnan(float(value))]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cell(values: Sequence, digits: int = 2) -> str:
+    mean, sd = mean_sd(values)
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def by_method(records: Sequence[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for record in records:
+        grouped.setdefault(record["method"], []).append(record)
+    return grouped
+
+
+MAIN_COLUMNS = (
+    ("HM12 ↑", "hm12"), ("MIA AUC (→0.5)", "mia_auc"), ("MIA score ↑", "mia_score"),
+    ("final w/o MMLU ↑", "final_no_mmlu"), ("QA ROUGE-L forget ↓", "qa_rougeL_forget"),
+    ("QA ROUGE-L retain ↑", "qa_rougeL_retain"), ("held-out NLL ↓", "heldout_nll"),
+)
+
+
+def main_table(before: dict, grouped: dict[str, list[dict]]) -> str:
+    header = "| method | " + " | ".join(name for name, _ in MAIN_COLUMNS) + " | collapsed runs |"
+    lines = [header, "|" + "---|" * (len(MAIN_COLUMNS) + 2)]
+    lines.append("| target (before) | " + " | ".join(_fmt(before.get(key)) for _, key in MAIN_COLUMNS) + " | – |")
+    for method, runs in grouped.items():
+        finals = [run["curve"][-1] for run in runs]
+        collapsed = sum(final["collapsed"] for final in finals)
+        values = " | ".join(cell([final[key] for final in finals]) for _, key in MAIN_COLUMNS)
+        lines.append(f"| {method} | {values} | {collapsed}/{len(finals)} |")
+    return "\n".join(lines)
+
+
+def task_table(before: dict, grouped: dict[str, list[dict]]) -> str:
+    keys = [f"{split}_{task}_{score}" for split in SPLITS for task in TASKS for score in "RK"]
+    names = [f"{split[0].upper()}{task[-1]} {score}" for split in SPLITS for task in TASKS for score in "RK"]
+    lines = ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines.append("| target (before) | " + " | ".join(_fmt(before.get(key)) for key in keys) + " |")
+    for method, runs in grouped.items():
+        finals = [run["curve"][-1] for run in runs]
+        lines.append(f"| {method} | " + " | ".join(cell([final[key] for final in finals]) for key in keys) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(before: dict, grouped: dict[str, list[dict]]) -> str:
+    steps = sorted({point["step"] for runs in grouped.values() for run in runs for point in run["curve"]})
+    lines = ["| method | step 0 | " + " | ".join(f"step {step}" for step in steps) + " |",
+             "|" + "---|" * (len(steps) + 2)]
+    for method, runs in grouped.items():
+        row = [_fmt(before.get("hm12"))]
+        for step in steps:
+            row.append(cell([point["hm12"] for run in runs for point in run["curve"] if point["step"] == step]))
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    return f"{value:.2f}"
+
+
+def qa_rouge_comparison(grouped: dict[str, list[dict]]) -> dict:
+    """The paper's QA claim read on our runs: QA ROUGE-L gap (retain minus forget, higher is better) of each method,
+    and each GNM variant's relative difference to the mean gap of the non-GNM baselines."""
+    gaps = {}
+    for method, runs in grouped.items():
+        finals = [run["curve"][-1] for run in runs]
+        gaps[method] = mean_sd([final["qa_rougeL_retain"] - final["qa_rougeL_forget"] for final in finals
+                                if final["qa_rougeL_retain"] is not None and final["qa_rougeL_forget"] is not None])[0]
+    baselines = [gap for method, gap in gaps.items() if not method.startswith("GNM") and gap is not None]
+    baseline = statistics.fmean(baselines) if baselines else None
+    relative = {
+        method: (gap - baseline) / abs(baseline) if baseline not in (None, 0) and gap is not None else None
+        for method, gap in gaps.items() if method.startswith("GNM")
+    }
+    return {"qa_rougeL_gap": gaps, "baseline_mean_gap": baseline, "gnm_relative_to_baselines": relative}
+
+
+def plot_tradeoff(path: str, before: dict, grouped: dict[str, list[dict]]) -> None:
+    """Forgetting (mean of 1-R and 1-K on forget) against retention (mean of R and K on retain), one line per
+    method through its evaluation steps (mean over seeds), the final point with ±1 sd bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 5.5))
+    axis.scatter([before["forgetting"]], [before["retention"]], marker="*", s=160, color="black", label="target",
+                 zorder=3)
+    for method, runs in grouped.items():
+        steps = sorted({point["step"] for run in runs for point in run["curve"]})
+        xs, ys = [before["forgetting"]], [before["retention"]]
+        for step in steps:
+            points = [point for run in runs for point in run["curve"] if point["step"] == step]
+            xs.append(mean_sd([p["forgetting"] for p in points])[0])
+            ys.append(mean_sd([p["retention"] for p in points])[0])
+        line = axis.plot(xs, ys, marker="o", markersize=3, label=method)[0]
+        finals = [run["curve"][-1] for run in runs]
+        (x, x_sd), (y, y_sd) = mean_sd([f["forgetting"] for f in finals]), mean_sd([f["retention"] for f in finals])
+        axis.errorbar([x], [y], xerr=[x_sd], yerr=[y_sd], color=line.get_color(), capsize=3, marker="s")
+    axis.set_xlabel("forgetting: mean over tasks of 1−R and 1−K on the forget set →")
+    axis.set_ylabel("retention: mean over tasks of R and K on the retain set →")
+    axis.set_xlim(-0.02, 1.02)
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower left")
+    axis.set_title("Forget vs retain trade-off during unlearning (mean over seeds)")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+
+
+def write_summary(output: str, before: dict, records: Sequence[dict], run_info: dict) -> dict:
+    """`summary.md`, `summary.json` and `tradeoff.png` in `output`; returns the summary dict."""
+    grouped = by_method(records)
+    run_info = {**run_info, "job_wall_seconds_total": round(sum(record["wall_seconds"] for record in records), 1)}
+    comparison = qa_rouge_comparison(grouped)
+    summary = {"run": run_info, "before": before, "qa_rouge_comparison": comparison,
+               "methods": {method: [run["curve"] for run in runs] for method, runs in grouped.items()}}
+    plot_tradeoff(os.path.join(output, "tradeoff.png"), before, grouped)
+    tuning = "\n".join(f"| {json.dumps(row['weights'])} | {_fmt(row['hm12'])} |" for row in run_info["tuning"])
+    gaps = "\n".join(f"| {method} | {_fmt(gap)} |" for method, gap in comparison["qa_rougeL_gap"].items())
+    relative = "\n".join(f"| {method} | {'n/a' if value is None else f'{100 * value:+.0f}%'} |"
+                         for method, value in comparison["gnm_relative_to_baselines"].items())
+    negatives = "\n".join(
+        f"- {name}: {stats['rows']} rows, {100 * stats['fallback_share']:.0f}% fell back to the perturb backend; "
+        f"example {json.dumps(stats['example']['completion'][:80])} -> "
+        + " -> ".join(json.dumps(level[:80]) for level in stats["example"]["levels"])
+        for name, stats in run_info["negatives"].items()
+    )
+    markdown = f"""## Final figures (mean ± sd over seeds {sorted({r['seed'] for r in records})})
+
+{main_table(before, grouped)}
+
+## Per task (columns: F/R = forget (↓) / retain (↑) set, 1–3 = task, R = regurgitation, K = knowledge)
+
+{task_table(before, grouped)}
+
+## HM12 across training
+
+{curve_table(before, grouped)}
+
+## QA ROUGE-L gap (retain − forget, higher is better)
+
+| method | gap |
+|---|---|
+{gaps}
+
+| GNM variant | relative to the mean gap of the non-GNM methods |
+|---|---|
+{relative}
+
+## Negatives
+
+{negatives}
+
+## Validation grid for "GNM (tuned on validation)" (HM12 on the validation rows)
+
+| weights | validation HM12 |
+|---|---|
+{tuning}
+
+Chosen: {json.dumps(run_info['tuned_weights'])}
+
+Command: `{run_info['command']}`; wall time {run_info['wall_seconds']:.0f} s ({run_info['workers']} worker(s) x \
+{run_info['threads_per_worker']} thread(s), {run_info['cpu_count']} cores, GPU: {run_info['gpu'] or 'none'}); \
+sum of job times {run_info['job_wall_seconds_total']:.0f} s.
+"""
+    atomic_write_text(os.path.join(output, "summary.md"), markdown)
+    atomic_write_json(os.path.join(output, "summary.json"), summary)
+    return summary
