@@ -6,9 +6,9 @@
 
 What one run does, in order (every stage is cached in `--output`, so a re-run only does what is missing):
 
-1. Data: LUME from `../shared/data/lume` (or `--data`), cut to the preset's documents per task and partition
-   (a document's sentence-completion and QA rows stay together). Without LUME it falls back to the synthetic
-   LUME-format set so that the script still runs; the figures in docs/results.md are on real LUME.
+1. Data: LUME from `../shared/data/lume` when present, else LUME's Hub dataset id (or `--data`: a folder, a Hub id,
+   or `synthetic` for the embedded LUME-format set), cut to the preset's documents per task and partition (a
+   document's sentence-completion and QA rows stay together).
 2. Target: `make_target` trains a tiny Llama to memorise the forget and retain rows of both partitions and the MIA
    member documents, as the organisers fine-tuned OLMo on theirs.
 3. Negatives for the forget rows: the model-free backend, and the LLM backend prompted through the target itself.
@@ -41,6 +41,8 @@ from gnm_trainer.io_utils import atomic_write_json, read_json_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_LUME = os.path.join(HERE, "..", "..", "shared", "data", "lume")
+LUME_HUB_ID = "llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public"
+SYNTHETIC = "synthetic"
 
 
 @dataclass(frozen=True)
@@ -75,22 +77,21 @@ class Preset:
     max_steps: int = 84
     eval_every: int = 21
     batch_size: int = 8
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     lora_r: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
+    curve_seeds: tuple[int, ...] = (0,)  # evaluated every `eval_every` steps; the other seeds only at the end
     negative_levels: int = 4
     max_new_tokens: int = 256
     eval_batch_size: int = 32
     mia_nonmembers: int = 50  # non-members used by the attack; the others are the held-out utility documents
     heldout_documents: int = 50
     tuning_grid: tuple[tuple[tuple[str, float], ...], ...] = ()
-    tuning_steps: int = 27
+    tuning_steps: int = 84  # the same number of steps as the comparison, on the smaller validation forget set
     methods: tuple[str, ...] = tuple(method.name for method in METHODS)
 
 
-GNM_GRID = tuple(
-    (("ga", ga), ("gnm", gnm)) for ga in (0.25, 0.5, 1.0) for gnm in (0.04, 0.2, 1.0)
-)
+GNM_GRID = tuple((("ga", ga), ("gnm", gnm)) for ga in (0.5, 1.0) for gnm in (0.04, 0.2, 1.0))
 
 PRESETS = {
     "cpu": Preset(
@@ -109,7 +110,7 @@ PRESETS = {
         documents={"train": {"Task1": 1, "Task2": 2, "Task3": 1}, "validation": {"Task1": 0, "Task2": 1, "Task3": 0}},
         target={"hidden_size": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 512, "epochs": 3,
                 "include_validation": True},
-        max_steps=4, eval_every=2, batch_size=4, seeds=(0, 1), negative_levels=2, max_new_tokens=16,
+        max_steps=4, eval_every=2, batch_size=4, seeds=(0, 1), curve_seeds=(0, 1), negative_levels=2, max_new_tokens=16,
         mia_nonmembers=4, heldout_documents=4, tuning_grid=GNM_GRID[:2], tuning_steps=2,
         methods=("GA", "GNM (paper)", "GNM (paper, LLM negatives)", "GNM (tuned on validation)"),
     ),
@@ -146,11 +147,11 @@ def lume_subset(source, documents: dict, seed: int = 0) -> dict[str, list[dict]]
     return subset
 
 
-def build_target(preset: Preset, data_source, output: str) -> str:
+def build_target(preset: Preset, data_source: str, output: str) -> str:
     from gnm_trainer.data.synthetic import make_synthetic_lume
     from gnm_trainer.target import make_target
 
-    if data_source is None:
+    if data_source == SYNTHETIC:
         data_source = make_synthetic_lume(seed=0)
     return make_target(lume_subset(data_source, preset.documents), output_dir=os.path.join(output, "target"),
                        seed=0, progress=True, **preset.target)
@@ -367,8 +368,9 @@ def comparison_jobs(preset: Preset, tuned_weights) -> list[Job]:
         if method.tuned:
             method = replace(method, weights=tuned_weights)
         for seed in preset.seeds:
-            jobs.append(Job(f"{slug(method.name)}_seed{seed}", method, seed, "train", preset.max_steps,
-                            preset.eval_every, with_mia=True))
+            eval_every = preset.eval_every if seed in preset.curve_seeds else preset.max_steps
+            jobs.append(Job(f"{slug(method.name)}_seed{seed}", method, seed, "train", preset.max_steps, eval_every,
+                            with_mia=True))
     return jobs
 
 
@@ -380,8 +382,8 @@ def comparison_jobs(preset: Preset, tuned_weights) -> list[Job]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--data", default=None, help="a LUME-format folder (default: ../shared/data/lume when present, "
-                        "else the synthetic LUME-format set)")
+    parser.add_argument("--data", default=None, help="a LUME-format folder, a Hub dataset id, or 'synthetic' for the "
+                        "embedded LUME-format set (default: ../shared/data/lume when present, else LUME's Hub id)")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/quality/<preset>")
     parser.add_argument("--workers", type=int, default=1, help="unlearning runs in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
@@ -391,13 +393,13 @@ def main(argv=None) -> dict:
 
     preset = PRESETS[args.preset]
     output = os.path.abspath(args.output or os.path.join(HERE, "results", "quality", args.preset))
-    data_source = args.data or (DEFAULT_LUME if os.path.isdir(DEFAULT_LUME) else None)
+    data_source = args.data or (os.path.normpath(DEFAULT_LUME) if os.path.isdir(DEFAULT_LUME) else LUME_HUB_ID)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     torch.set_num_threads(threads)
     wall_start = time.perf_counter()
     os.makedirs(output, exist_ok=True)
 
-    print(f"[quality] target ({args.preset} preset, data: {data_source or 'synthetic LUME-format set'})", flush=True)
+    print(f"[quality] target ({args.preset} preset, data: {data_source})", flush=True)
     target_dir = build_target(preset, data_source, output)
     target_info = read_json_file(os.path.join(target_dir, "target_info.json"), "target info")
     workspace = Workspace(output, target_dir)
@@ -427,7 +429,7 @@ def main(argv=None) -> dict:
 
     run_info = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "preset": args.preset, "preset_settings": asdict(preset), "data": data_source or "synthetic",
+        "preset": args.preset, "preset_settings": asdict(preset), "data": data_source,
         "target": {key: target_info[key] for key in ("parameters", "rows", "epochs", "memorised", "memorisation",
                                                      "wall_time_s", "config")},
         "negatives": negatives, "tuning": tuning_table, "tuned_weights": dict(tuned_weights), "threads_per_worker": threads,

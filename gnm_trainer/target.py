@@ -197,9 +197,10 @@ def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]
     """The dataset a target is trained on, shaped like `make_synthetic_lume`'s output.
 
     `data` is None (the synthetic default for `seed`), a LUME-format folder (validation files and `mia/` are
-    optional there) or a dict shaped like `make_synthetic_lume`'s output.
+    optional there), a Hub dataset id with LUME's splits (no MIA documents then) or a dict shaped like
+    `make_synthetic_lume`'s output.
     """
-    from .data.loading import read_records
+    from .data.loading import looks_like_hub_id, read_records
     from .data.synthetic import make_synthetic_lume
 
     if data is None:
@@ -212,6 +213,9 @@ def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]
                 loaded[key] = _lume_rows(list(data[key]), split, partition, key)
         for key in MIA_SPLITS:
             loaded[key] = _mia_rows(list(data.get(key) or []), key)
+    elif isinstance(data, str) and not os.path.exists(data) and looks_like_hub_id(data):
+        loaded = {key: _lume_rows(data, *key.split("_"), f"{data}[{key}]") for key in LUME_SPLITS}
+        loaded.update({key: [] for key in MIA_SPLITS})
     elif isinstance(data, (str, os.PathLike)):
         folder = os.fspath(data)
         if not os.path.isdir(folder):

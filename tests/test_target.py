@@ -204,3 +204,19 @@ def test_cli_help_and_a_tiny_run(tmp_path, capsys):
     assert read_target_info(output)["config"]["max_documents_per_split"] == 2
     assert gnm_main(["make-target", "--data", str(tmp_path / "missing"), "--output-dir", output, "--quiet"]) == 2
     assert "data folder not found" in capsys.readouterr().err
+
+
+def test_target_data_from_a_hub_id(monkeypatch):
+    """A Hub dataset id with LUME's four splits gives the target's data (no MIA documents); `load_dataset` is faked
+    because no machine of this project reaches the Hub."""
+    import datasets
+
+    synthetic = make_synthetic_lume(seed=0)
+    splits = ("forget_train", "retain_train", "forget_validation", "retain_validation")
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: datasets.DatasetDict(
+        {key: datasets.Dataset.from_list(synthetic[key]) for key in splits}))
+    loaded = target_module.load_target_data("someorg/lume-like")
+    for key in splits:
+        assert [row["id"] for row in loaded[key]] == [row["id"] for row in synthetic[key]]
+        assert loaded[key][0]["input"] == synthetic[key][0]["input"]
+    assert loaded["mia_member"] == [] and loaded["mia_nonmember"] == []
