@@ -21,16 +21,33 @@ TERMS_ON_FORGET = frozenset({"ga", "klf", "npo"})
 TERMS_ON_RETAIN = frozenset({"gd", "klr"})
 
 
+def completion_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (batch, length - 1): the positions whose logit predicts a completion token (the only ones a loss reads).
+
+    Selecting them before any softmax keeps the vocabulary-sized work and memory to the completion's tokens: prompt
+    and padding positions can be most of a batch.
+    """
+    return completion_mask[:, 1:].bool()
+
+
+def scatter_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(batch, length - 1) tensor holding `values` (one per selected position, in order) and 0 elsewhere."""
+    full = values.new_zeros(positions.shape)
+    full[positions] = values
+    return full
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor):
-    """Log-probability of each next token (batch, length - 1) and the matching float mask.
+    """Log-probability of each next token (batch, length - 1) and the matching float mask; 0 outside the mask.
 
     The logit at position t predicts the token at t + 1: drop the last logit and the first token.
     """
-    shifted_logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:]
-    picked = torch.gather(shifted_logits, -1, targets.unsqueeze(-1)).squeeze(-1)
-    logprobs = picked - torch.logsumexp(shifted_logits, dim=-1)
-    return logprobs, completion_mask[:, 1:].float()
+    positions = completion_positions(completion_mask)
+    selected_logits = logits[:, :-1, :][positions].float()
+    targets = input_ids[:, 1:][positions]
+    picked = torch.gather(selected_logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = picked - torch.logsumexp(selected_logits, dim=-1)
+    return scatter_positions(logprobs, positions), positions.float()
 
 
 def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,10 +75,11 @@ def completion_kl(
     Computed on log-probabilities of both distributions (the published code passed probabilities where
     log-probabilities were expected, which is not a KL).
     """
-    policy_logprobs = F.log_softmax(policy_logits[:, :-1, :].float(), dim=-1)
-    reference_logprobs = F.log_softmax(reference_logits[:, :-1, :].float(), dim=-1)
+    positions = completion_positions(completion_mask)
+    policy_logprobs = F.log_softmax(policy_logits[:, :-1, :][positions].float(), dim=-1)
+    reference_logprobs = F.log_softmax(reference_logits[:, :-1, :][positions].float(), dim=-1)
     per_token = F.kl_div(policy_logprobs, reference_logprobs, log_target=True, reduction="none").sum(-1)
-    return masked_sequence_mean(per_token, completion_mask[:, 1:].float())
+    return masked_sequence_mean(scatter_positions(per_token, positions), positions.float())
 
 
 def npo_loss(policy_logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float) -> torch.Tensor:

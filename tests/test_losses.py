@@ -95,3 +95,23 @@ def test_combine_losses_is_the_weighted_sum():
     assert losses.combine_losses(terms, weights).item() == pytest.approx(-1.0 + 1.25 + 0.12)
     with pytest.raises(ValueError):
         losses.combine_losses({}, weights)
+
+
+def test_completion_only_math_equals_the_all_positions_formula():
+    """The losses select completion positions before any softmax; values and gradients equal the plain formula
+    computed over every position and masked afterwards, and non-completion logits get exactly zero gradient."""
+    logits, input_ids, mask = random_batch()
+    reference = torch.randn_like(logits)
+    logits.requires_grad_(True)
+    shifted_mask = mask[:, 1:].float()
+    all_logprobs = torch.log_softmax(logits[:, :-1].float(), -1)
+    plain_nll = -(all_logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * shifted_mask).sum(-1) / shifted_mask.sum(-1)
+    plain_kl = (torch.nn.functional.kl_div(all_logprobs, torch.log_softmax(reference[:, :-1], -1), log_target=True,
+                                           reduction="none").sum(-1) * shifted_mask).sum(-1) / shifted_mask.sum(-1)
+    ours = (losses.completion_nll(logits, input_ids, mask), losses.completion_kl(logits, reference, mask))
+    for value, plain in zip(ours, (plain_nll, plain_kl)):
+        assert torch.allclose(value, plain, atol=1e-6)
+        (gradient,) = torch.autograd.grad(value.sum(), logits)
+        (plain_gradient,) = torch.autograd.grad(plain.sum(), logits, retain_graph=True)  # both share all_logprobs
+        assert torch.allclose(gradient, plain_gradient, atol=1e-6)
+        assert gradient[:, :-1][~mask[:, 1:].bool()].abs().max() == 0
