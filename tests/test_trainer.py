@@ -305,3 +305,18 @@ def test_trainer_errors_for_missing_inputs(tiny_model, tiny_tokenizer, tmp_path)
             tiny_model, config(tmp_path, loss_terms=["ga", "klr"], reference_model="adapter_disabled"),
             train_dataset=forget, retain_dataset=fact_rows("retain", 4, 6), processing_class=tiny_tokenizer,
         )
+
+
+def test_group_by_length_sampling_uses_the_joined_lengths(tiny_model, tiny_tokenizer, tmp_path):
+    """`train_sampling_strategy="group_by_length"` (the Trainer's own option) groups forget rows by prompt +
+    completion length, which cuts padding when lengths vary (docs/performance.md)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=["ga", "gnm"],
+                           train_sampling_strategy="group_by_length")
+    example = trainer.train_dataset[0]
+    assert example["length"] == len(example["prompt_input_ids"]) + len(example["completion_input_ids"])
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == trainer.train_dataset["length"]
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)

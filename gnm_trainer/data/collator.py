@@ -84,7 +84,8 @@ def completion_room(prompt_ids: Sequence[int], max_length: int, max_prompt_lengt
 def tokenize_examples(
     rows, tokenizer, template: str, max_length: int, max_prompt_length: int | None, add_eos_token: bool, name: str
 ) -> list[dict[str, Any]]:
-    """Tokenise normalised rows into `prompt_input_ids` / `completion_input_ids` (plus id and index).
+    """Tokenise normalised rows into `prompt_input_ids` / `completion_input_ids` (plus id, index and `length`, the
+    joined length the Trainer's `train_sampling_strategy="group_by_length"` groups batches by).
 
     Rows whose prompt leaves no room for a single completion token are an error listing them, rather than silently
     contributing a zero loss.
@@ -99,9 +100,10 @@ def tokenize_examples(
             raise GNMInputError(f"{name}, row {index} (id {row['id']!r}), field 'completion': tokenises to no token")
         if completion_room(prompt_ids, max_length, max_prompt_length) < 1:
             too_long.append((index, row["id"], len(prompt_ids)))
-        examples.append(
-            {"id": row["id"], "pair_index": index, "prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids}
-        )
+        examples.append({
+            "id": row["id"], "pair_index": index, "prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids,
+            "length": min(max_length, len(prompt_ids) + len(completion_ids)),
+        })
     if too_long:
         listed = "; ".join(f"row {i} (id {rid!r}), field 'prompt': {n} tokens" for i, rid, n in too_long[:10])
         more = f" and {len(too_long) - 10} more" if len(too_long) > 10 else ""
