@@ -11,7 +11,8 @@ at a time. The batched versions here give the same tokens and the same losses:
 - documents are RIGHT-padded with a mask; padding after a token cannot change its causal logits, and the loss of
   each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
 - examples are sorted by length (longest first, so an out-of-memory error shows at once) to keep padding small,
-  and results come back in input order.
+  and results come back in input order; on a CPU, NLL batches are also capped in token positions (see
+  `CPU_NLL_BATCH_TOKENS`).
 
 Equality is exact in the tokens chosen as long as matrix products of different shapes round alike. In float32 on a
 CPU they did in every test; in bf16 on a GPU a batch can change the reduction order of a product, and when two
@@ -39,12 +40,29 @@ def encode_each(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(tokenizer(text)["input_ids"]) for text in texts]
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first."""
+# On a CPU the forward pass of one document already runs its matrix products at full speed; a batch of many long
+# documents only adds activations that no longer fit the caches (docs/performance.md: 16 MIA documents of ~250 tokens
+# at once are slower than one at a time, ~1,000 token positions at once are 10% faster). So NLL batches on a CPU hold
+# at most this many token positions, padding included.
+CPU_NLL_BATCH_TOKENS = 1024
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first: at most `batch_size` rows and, with
+    `max_tokens`, at most that many token positions once padded (a longer sequence still gets a batch of its own)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else []
+        width = lengths[current[0]] if current else 0  # longest first: the first row sets the width
+        fits = 0 < len(current) < batch_size and (max_tokens is None or (len(current) + 1) * width <= max_tokens)
+        if fits:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +124,15 @@ def generate_one_by_one(model, tokenizer, prompts: Sequence[str], max_new_tokens
 
 @torch.no_grad()
 def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:
-    """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), batched, in input order."""
+    """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), batched, in input order.
+
+    Batches hold at most `batch_size` documents, and on a CPU at most `CPU_NLL_BATCH_TOKENS` token positions.
+    """
     pad_id = pad_token_id(tokenizer)
     encoded = encode_each(tokenizer, documents)
     losses: list[float] = [float("nan")] * len(documents)
-    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+    max_tokens = CPU_NLL_BATCH_TOKENS if model.device.type == "cpu" else None
+    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_tokens):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="right")
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
         for row, index in enumerate(batch):

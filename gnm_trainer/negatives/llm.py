@@ -9,7 +9,8 @@ further from the truth, given the row's prompt. The generator can be the model t
   template refuses a system role); without one, the plain text `system_prompt + "\\n\\n" + filled template` is the
   prompt. `DEFAULT_TEMPLATE` and `DEFAULT_SYSTEM_PROMPT` below are the defaults.
 - Generation: prompts sorted by length, batched, padded on the left (padding is done here, the tokenizer is not
-  touched); only the new tokens are decoded; the first non-empty line, stripped, is the negative.
+  touched); only the new tokens are decoded; the first non-empty line, stripped, is the negative. A row stops as
+  soon as that line is complete (`FirstLineStop`), and a batch as soon as all its rows have.
 - Sampling (`do_sample=True`, and every retry): Gumbel-max with one `torch.Generator` per row, seeded from
   (seed, row id, level, attempt). A row's draw therefore does not depend on which rows share its batch, on the batch
   size or on the number of processes; greedy decoding is the same without the noise.
@@ -89,6 +90,13 @@ def first_line(text: str) -> str:
     return ""
 
 
+def first_line_complete(text: str) -> bool:
+    """Whether `first_line(text)` is settled: a non-empty line is followed by a line break, so text appended later
+    cannot change it."""
+    content = text.lstrip()
+    return bool(content) and len((content + "x").splitlines()) > 1
+
+
 def _normal(text: str) -> str:
     return text.strip().lower()
 
@@ -123,6 +131,37 @@ class RowSeededGumbel:
         return scores.float() / self.temperature + gumbel.to(device=scores.device, dtype=torch.float32)
 
 
+class FirstLineStop:
+    """A stopping criterion that ends each row once its new text holds a complete first line (`first_line_complete`):
+    only the first line is kept, so the rest of a long answer is never generated. A batch stops when all its rows
+    have; a row's stop depends on its own tokens only, so batched and one-at-a-time runs keep the same text.
+
+    A row is decoded only when its latest token contains a line break, so the check costs a dictionary look-up per
+    row and step.
+    """
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+        self._breaks_line: dict[int, bool] = {}
+
+    def _token_breaks_line(self, token_id: int) -> bool:
+        if token_id not in self._breaks_line:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
+            self._breaks_line[token_id] = len((text + "x").splitlines()) > 1
+        return self._breaks_line[token_id]
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = [False] * input_ids.shape[0]
+        if input_ids.shape[1] > self.prompt_width:
+            for row, token_id in enumerate(input_ids[:, -1].tolist()):
+                if self._token_breaks_line(token_id):
+                    new_text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
+                    done[row] = first_line_complete(new_text)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _pad_id(tokenizer) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -138,35 +177,36 @@ def generate_texts(
     max_new_tokens: int = 64,
     seeds: Sequence[int] | None = None,
     chat: bool = False,
+    stop_at_first_line: bool = False,
 ) -> list[str]:
     """Decoded new tokens for each input text, generated in length-sorted, left-padded batches.
 
     `seeds` (one per text) turns on per-row seeded sampling; without it decoding is greedy. `chat` says the texts
-    were rendered by a chat template, which adds its own special tokens.
+    were rendered by a chat template, which adds its own special tokens. `stop_at_first_line` ends each row once its
+    first non-empty line is complete (the text then ends there: only for callers that keep the first line).
     """
     import torch
+
+    from ..evaluation.generation import length_sorted_batches, pad_batch
 
     if not texts:
         return []
     pad_id = _pad_id(tokenizer)
     encoded = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts]
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = encoded[index]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-        processors = []
+    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
+        width = input_ids.shape[1]
+        processors, stopping = [], []
         if seeds is not None:
             from transformers import LogitsProcessorList
 
             processors = LogitsProcessorList([RowSeededGumbel([seeds[i] for i in batch])])
+        if stop_at_first_line:
+            from transformers import StoppingCriteriaList
+
+            stopping = StoppingCriteriaList([FirstLineStop(tokenizer, width)])
         with torch.no_grad():
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -179,6 +219,7 @@ def generate_texts(
                 top_k=None,
                 pad_token_id=pad_id,
                 logits_processor=processors or None,
+                stopping_criteria=stopping or None,
             )
         for row, index in enumerate(batch):
             outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
@@ -275,7 +316,8 @@ def _generate_shard(
             sampled = do_sample or attempt > 0
             seeds = [row_seed(seed, "llm", rows[i]["id"], level, attempt) for i in pending] if sampled else None
             inputs = [prompts[i] for i in pending]
-            outputs = generate_texts(model, tokenizer, inputs, batch_size, max_new_tokens, seeds, chat)
+            outputs = generate_texts(model, tokenizer, inputs, batch_size, max_new_tokens, seeds, chat,
+                                     stop_at_first_line=True)  # fmt: skip
             for i, output in zip(pending, outputs):
                 current[i] = first_line(output)
             pending = [i for i in pending if is_degenerate(current[i], rows[i]["completion"], texts[i])]

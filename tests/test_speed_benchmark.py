@@ -1,0 +1,99 @@
+"""The speed benchmark in its smoke preset (every figure present, equal scores, sane ratios), and the two speed-ups
+of the library it measures: NLL batches capped in tokens on a CPU, and negatives generation stopping at the first line.
+
+The speed targets themselves are not asserted here (they depend on the machine); docs/performance.md has the
+figures of the cpu preset.
+"""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from conftest import FACTS
+from gnm_trainer.evaluation.generation import length_sorted_batches
+from gnm_trainer.negatives.llm import first_line, first_line_complete, generate_texts
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import speed  # noqa: E402
+
+FIGURES = {
+    "a": ("gnm_seconds_per_example", "published_seconds_per_example", "published_speedup",
+          "strawman_seconds_per_example", "strawman_speedup"),
+    "b": ("gnm_step_seconds", "floor_step_seconds", "overhead_ratio"),
+    "c": ("klr_over_no_reference", "copy_over_klr"),
+    "d": ("batched_seconds", "one_by_one_seconds", "speedup", "generation_speedup", "nll_speedup"),
+    "e": ("batched_seconds", "sequential_seconds", "speedup"),
+}  # fmt: skip
+RATIOS = ("published_speedup", "strawman_speedup", "overhead_ratio", "klr_over_no_reference", "copy_over_klr",
+          "speedup", "generation_speedup", "nll_speedup")  # fmt: skip
+
+
+def test_smoke_preset_writes_every_figure(tmp_path, capsys):
+    output = tmp_path / "speed.json"
+    speed.main(["--preset", "smoke", "--output", str(output), "--threads", "1"])
+    summary = json.loads(output.read_text())
+    assert summary["preset"] == "smoke" and set(summary["figures"]) == set(speed.MEASUREMENTS)
+    for measurement, keys in FIGURES.items():
+        figures = summary["figures"][measurement]
+        for key in keys:
+            value = figures[key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (measurement, key, value)
+    memory = summary["figures"]["c"]["variants"]
+    assert set(memory) == set(speed.MEMORY_VARIANTS)
+    assert memory["klr_copy"]["reference_mode"] == "copy"
+    assert memory["klr_adapter_disabled"]["reference_mode"] == "adapter_disabled"
+    assert memory["no_reference"]["reference_mode"] == "none"
+    assert all(v["peak_mib"] >= v["baseline_after_model_load_mib"] > 0 for v in memory.values())
+    evaluation = summary["figures"]["d"]
+    assert evaluation["same_scores"] is True and evaluation["same_generations"] is True
+    assert evaluation["batched_scores"] == evaluation["one_by_one_scores"]
+    assert evaluation["batched_results"] == evaluation["one_by_one_results"]
+    assert summary["figures"]["e"]["same_outputs"] is True
+    assert set(summary["verdicts"]) == {"a", "a'", "b", "c", "c'", "d", "e"}
+    printed = capsys.readouterr().out
+    assert summary["table"] in printed and "| d |" in printed
+
+
+def test_only_and_bad_arguments(tmp_path):
+    assert speed.parse_args(["--only", "d,a"]).only == ["a", "d"]
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--only", "a,x"])
+    assert speed.tiny(speed.PRESETS["gpu"]).eval_batch_size == speed.PRESETS["gpu"].eval_batch_size
+    assert speed.tiny(speed.PRESETS["gpu"]).model == speed.PRESETS["smoke"].model
+
+
+def test_nll_batches_respect_rows_and_token_budget():
+    lengths = [5, 300, 250, 10, 260, 20]
+    assert length_sorted_batches(lengths, 4) == [[1, 4, 2, 5], [3, 0]]
+    batches = length_sorted_batches(lengths, 4, max_tokens=600)
+    assert batches == [[1, 4], [2, 5], [3, 0]]
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(len(batch) * lengths[batch[0]] <= 600 for batch in batches)
+    assert length_sorted_batches([700, 3], 4, max_tokens=600) == [[0], [1]]  # too long alone: a batch of its own
+
+
+@pytest.mark.parametrize(
+    "text, complete",
+    [("", False), ("\n\n  ", False), ("Paris", False), ("Paris\n", True), ("\n Paris\r", True),
+     ("  Paris is\nLyon", True), ("Paris\u2028", True)],
+)  # fmt: skip
+def test_first_line_complete(text, complete):
+    assert first_line_complete(text) is complete
+    if complete:  # whatever comes after cannot change the first line any more
+        assert first_line(text + "more\nlines") == first_line(text)
+
+
+def test_generation_stops_at_the_first_line_and_keeps_it(tiny_model, tiny_tokenizer):
+    prompts = [question for question, _ in FACTS] * 3
+    seeds = list(range(len(prompts)))  # sampled: random weights then write line breaks now and then
+    tiny_model.eval()
+    full = generate_texts(tiny_model, tiny_tokenizer, prompts, 8, 48, seeds)
+    stopped = generate_texts(tiny_model, tiny_tokenizer, prompts, 8, 48, seeds, stop_at_first_line=True)
+    one_by_one = generate_texts(tiny_model, tiny_tokenizer, prompts, 1, 48, seeds, stop_at_first_line=True)
+    assert stopped == one_by_one
+    assert [first_line(text) for text in stopped] == [first_line(text) for text in full]
+    assert any(len(short) < len(long) for short, long in zip(stopped, full))  # some rows did stop early
