@@ -315,8 +315,9 @@ def cached_record(workspace: Workspace, job: Job, fingerprint: str) -> dict | No
 
 
 def run_jobs(jobs: list[Job], preset: Preset, workspace: Workspace, target_fingerprint: str, workers: int,
-             threads: int) -> list[dict]:
-    """Every job's record, from cache when its fingerprint matches, else run on `workers` processes."""
+             threads: int) -> tuple[list[dict], int]:
+    """Every job's record, from cache when its fingerprint matches, else run on `workers` processes; and how many
+    ran."""
     records: dict[str, dict] = {}
     pending = []
     for job in jobs:
@@ -336,7 +337,7 @@ def run_jobs(jobs: list[Job], preset: Preset, workspace: Workspace, target_finge
                        for job, fingerprint in pending}
             for name, future in futures.items():
                 records[name] = future.result()
-    return [records[job.name] for job in jobs]
+    return [records[job.name] for job in jobs], len(pending)
 
 
 def slug(text: str) -> str:
@@ -419,13 +420,15 @@ def main(argv=None) -> dict:
         before = {"fingerprint": target_info["fingerprint"], "step": 0, **metrics}
         atomic_write_json(before_path, before)
 
-    tuned_weights, tuning_table = (), []
+    tuned_weights, tuning_table, jobs_run = (), [], 0
     if any(method.tuned for method in methods):
-        tuning = run_jobs(tuning_jobs(preset), preset, workspace, target_info["fingerprint"], args.workers, threads)
+        tuning, ran = run_jobs(tuning_jobs(preset), preset, workspace, target_info["fingerprint"], args.workers, threads)
+        jobs_run += ran
         tuned_weights, tuning_table = choose_weights(tuning)
         print(f"[quality] weights chosen on validation: {dict(tuned_weights)}", flush=True)
-    records = run_jobs(comparison_jobs(preset, tuned_weights), preset, workspace, target_info["fingerprint"],
-                       args.workers, threads)
+    records, ran = run_jobs(comparison_jobs(preset, tuned_weights), preset, workspace, target_info["fingerprint"],
+                            args.workers, threads)
+    jobs_run += ran
 
     run_info = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -435,7 +438,8 @@ def main(argv=None) -> dict:
         "negatives": negatives, "tuning": tuning_table, "tuned_weights": dict(tuned_weights), "threads_per_worker": threads,
         "workers": args.workers, "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "wall_seconds": round(time.perf_counter() - wall_start, 1),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1), "jobs_run": jobs_run,
+        "jobs_total": len(records) + len(tuning_table),
     }
     summary = write_summary(output, before, records, run_info)
     print(f"[quality] done in {run_info['wall_seconds']:.0f} s; see {output}/summary.md", flush=True)

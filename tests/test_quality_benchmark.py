@@ -52,9 +52,11 @@ def test_gibberish_and_qa_comparison():
     assert is_gibberish("") and is_gibberish("the the the the the the the the the")
     assert not is_gibberish("Paris") and not is_gibberish("she was born in Paris in 1901 and moved to Lyon")
     final = lambda forget, retain: [{"curve": [{"qa_rougeL_forget": forget, "qa_rougeL_retain": retain}]}]  # noqa: E731
-    comparison = qa_rouge_comparison({"GA": final(0.2, 0.6), "GA+GD": final(0.4, 0.8), "GNM (paper)": final(0.1, 0.7)})
-    assert comparison["baseline_mean_gap"] == pytest.approx(0.4)
-    assert comparison["gnm_relative_to_baselines"]["GNM (paper)"] == pytest.approx(0.5)
+    comparison = qa_rouge_comparison({"GA": final(0.2, 0.6), "GA+GD": final(0.5, 0.8), "GNM (paper)": final(0.1, 0.7)})
+    assert comparison["baseline_mean_gap"] == pytest.approx(0.35)  # gaps: GA 0.4, GA+GD 0.3, GNM 0.6
+    assert comparison["gnm_relative_to_baselines"]["GNM (paper)"] == pytest.approx(0.25 / 0.35)
+    assert comparison["best_baseline"] == "GA"
+    assert comparison["gnm_relative_to_best_baseline"]["GNM (paper)"] == pytest.approx(0.5)
 
 
 def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
