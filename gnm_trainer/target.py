@@ -385,52 +385,20 @@ def proxy_memorisation(fractions: list[float], examples: list[TrainingExample]) 
 # --- greedy memorisation check ---------------------------------------------------------------------------------
 
 
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 32):
-    """Greedy generations for raw `prompts` (the tokenizer adds bos), batched with left padding; only the new
-    tokens are decoded, special tokens skipped."""
-    import torch
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    completions: list[str] = [""] * len(prompts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for begin in range(0, len(order), batch_size):
-            indices = order[begin : begin + batch_size]
-            encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
-            with torch.no_grad():
-                generated = model.generate(
-                    **encoded,
-                    do_sample=False,
-                    max_new_tokens=max(max_new_tokens[i] for i in indices),
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            for i, tokens in zip(indices, new_tokens):
-                completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-    return completions
-
-
 def memorisation_scores(model, tokenizer, rows: list[dict], extra_tokens: int = 8) -> dict[str, float | int]:
-    """Official-style scores of greedy reproduction on LUME rows: mean ROUGE-L recall (stemmed) of sc rows and
-    exact match (strip, lower) of QA rows."""
-    from rouge_score import rouge_scorer
+    """The official scores of greedy reproduction on LUME rows (`evaluation.semeval.score_example`): mean ROUGE-L
+    recall of sc rows and exact match of QA rows, each row generating up to its reference's length + `extra_tokens`."""
+    from .evaluation import generation
+    from .evaluation.semeval import score_example
 
     budgets = [
         len(tokenizer(" " + row["output"], add_special_tokens=False)["input_ids"]) + extra_tokens for row in rows
     ]
-    generations = greedy_completions(model, tokenizer, [row["input"] for row in rows], budgets)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    generations = generation.generate_greedy(model, tokenizer, [row["input"] for row in rows], budgets, batch_size=32)
     sc, qa = [], []
-    for row, generation in zip(rows, generations):
-        kind = classify_kind(row["id"])
-        if kind == "sc":
-            sc.append(scorer.score(row["output"], generation)["rougeL"].recall)
-        elif kind == "qa":
-            qa.append(float(generation.strip().lower() == row["output"].strip().lower()))
+    for row, text in zip(rows, generations):
+        kind, score = score_example(row["id"], row["output"], text)
+        {"sc": sc, "qa": qa}.get(kind, []).append(score)
     return {
         "sc_rougeL_recall": sum(sc) / len(sc) if sc else 1.0,
         "qa_exact_match": sum(qa) / len(qa) if qa else 1.0,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gnm_trainer import target as target_module
+from gnm_trainer.evaluation import generation as generation_module
 from gnm_trainer.cli import main as gnm_main
 from gnm_trainer.data import load_unlearning_data
 from gnm_trainer.data.synthetic import make_synthetic_lume, write_synthetic_lume
@@ -15,7 +16,6 @@ from gnm_trainer.target import (
     TARGET_INFO_FILE,
     TrainingExample,
     document_key,
-    greedy_completions,
     make_target,
     memorisation_scores,
     read_target_info,
@@ -151,12 +151,13 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert factors[0] < factors[4] == 1.0 and factors[50] < 1.0 and factors[100] == pytest.approx(0.0)
 
 
-def test_batched_greedy_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_model):
+def test_greedy_with_per_prompt_budgets_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_model):
+    from gnm_trainer.evaluation.generation import generate_greedy
+
     prompts = ["Where was Borin Tal born?", "What pet does Gil Sorrow keep? It is", "Hi"]
-    batched = greedy_completions(tiny_model.eval(), tiny_tokenizer, prompts, [6, 6, 6], batch_size=3)
-    single = [greedy_completions(tiny_model, tiny_tokenizer, [p], [6])[0] for p in prompts]
-    assert batched == single
-    assert tiny_tokenizer.padding_side == "right", "the tokenizer's padding side is restored"
+    batched = generate_greedy(tiny_model.eval(), tiny_tokenizer, prompts, [6, 3, 6], batch_size=3)
+    single = [generate_greedy(tiny_model, tiny_tokenizer, [p], [budget])[0] for p, budget in zip(prompts, [6, 3, 6])]
+    assert batched == single  # each row keeps its own budget, whatever its batch ran to
 
 
 def test_memorisation_scores_use_the_official_measures(monkeypatch):
@@ -166,7 +167,7 @@ def test_memorisation_scores_use_the_official_measures(monkeypatch):
         {"id": "aqa1", "input": "When?", "output": "1950"},
     ]
     generations = [" born in Quillport", "  quillport ", "1951"]
-    monkeypatch.setattr(target_module, "greedy_completions", lambda *args, **kwargs: generations)
+    monkeypatch.setattr(generation_module, "generate_greedy", lambda *args, **kwargs: generations)
     scores = memorisation_scores(None, _WhitespaceTokenizer(), rows)
     assert scores["sc_rougeL_recall"] == pytest.approx(3 / 5)
     assert scores["qa_exact_match"] == 0.5 and scores["sc_rows"] == 1 and scores["qa_rows"] == 2

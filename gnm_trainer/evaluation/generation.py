@@ -84,24 +84,31 @@ def _decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of `prompts` (raw text, no chat template), batched; only the new text, in input order."""
+def generate_greedy(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 256, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations of `prompts` (raw text, no chat template), batched; only the new text, in input order.
+
+    `max_new_tokens` is one budget for all, or one per prompt: a batch runs to its largest budget and each row keeps
+    only its own first tokens, so a row's text does not depend on its batch.
+    """
     pad_id = pad_token_id(tokenizer)
     encoded = encode_each(tokenizer, prompts)
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     generations: list[str] = [""] * len(prompts)
     for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
         output = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max(budgets[i] for i in batch),
             do_sample=False,
             use_cache=True,
             pad_token_id=pad_id,
         )
-        texts = _decode_new_tokens(tokenizer, output[:, input_ids.shape[1] :])
-        for index, text in zip(batch, texts):
-            generations[index] = text
+        new_tokens = output[:, input_ids.shape[1] :]
+        for row, index in enumerate(batch):
+            generations[index] = _decode_new_tokens(tokenizer, new_tokens[row : row + 1, : budgets[index]])[0]
     return generations
 
 
