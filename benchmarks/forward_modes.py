@@ -1,6 +1,6 @@
 """One forward pass for all groups vs one forward per group: time per GNMTrainer step and peak memory.
 
-Each mode runs in its own subprocess so that the operating system's peak-memory figure (ru_maxrss) belongs to it
+Each mode runs in its own subprocess so that the operating system's peak-memory figure (VmHWM) belongs to it
 alone. Prints a table and the ratios.
 
     python benchmarks/forward_modes.py [--steps 8] [--batch-size 4] [--hidden-size 256] [--num-layers 4]
@@ -8,10 +8,11 @@ alone. Prints a table and the ratios.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from speed import peak_rss_mib  # VmHWM: this process's own peak (benchmarks/ is this script's folder)
 
 
 def run_mode(forward_passes: str, steps: int, batch_size: int, hidden_size: int, num_layers: int) -> dict:
@@ -62,7 +63,7 @@ def run_mode(forward_passes: str, steps: int, batch_size: int, hidden_size: int,
     return {
         "forward_passes": forward_passes,
         "median_step_s": measured[len(measured) // 2],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
