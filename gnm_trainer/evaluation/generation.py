@@ -26,12 +26,15 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, or its eos id when it has no pad (the organisers set pad = eos)."""
+def pad_token_id(tokenizer, name: str = "tokenizer") -> int:
+    """The tokenizer's pad id, or its eos id when it has no pad (the organisers set pad = eos); `name` says which
+    tokenizer in the error."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+        from ..errors import GNMInputError
+
+        raise GNMInputError(f"{name}: has neither a pad nor an eos token; set tokenizer.pad_token first")
     return tokenizer.eos_token_id
 
 

@@ -90,11 +90,16 @@ def first_line(text: str) -> str:
     return ""
 
 
+def breaks_line(text: str) -> bool:
+    """Whether `text` holds a line break (any that `str.splitlines` knows)."""
+    return len((text + "x").splitlines()) > 1
+
+
 def first_line_complete(text: str) -> bool:
     """Whether `first_line(text)` is settled: a non-empty line is followed by a line break, so text appended later
     cannot change it."""
     content = text.lstrip()
-    return bool(content) and len((content + "x").splitlines()) > 1
+    return bool(content) and breaks_line(content)
 
 
 def _normal(text: str) -> str:
@@ -147,7 +152,7 @@ class FirstLineStop:
     def _token_breaks_line(self, token_id: int) -> bool:
         if token_id not in self._breaks_line:
             text = self.tokenizer.decode([token_id], skip_special_tokens=True)
-            self._breaks_line[token_id] = len((text + "x").splitlines()) > 1
+            self._breaks_line[token_id] = breaks_line(text)
         return self._breaks_line[token_id]
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -160,13 +165,6 @@ class FirstLineStop:
                     new_text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
                     done[row] = first_line_complete(new_text)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _pad_id(tokenizer) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise GNMInputError("generator tokenizer: has neither a pad nor an eos token; set tokenizer.pad_token")
-    return pad_id
 
 
 def generate_texts(
@@ -187,11 +185,11 @@ def generate_texts(
     """
     import torch
 
-    from ..evaluation.generation import length_sorted_batches, pad_batch
+    from ..evaluation.generation import length_sorted_batches, pad_batch, pad_token_id
 
     if not texts:
         return []
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer, "generator tokenizer")
     encoded = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts]
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
@@ -257,11 +255,6 @@ def load_generator(model, tokenizer=None, device=None):
         model = model.to(device)
     model.eval()
     return model, tokenizer, name
-
-
-def shard_bounds(n_rows: int, process_index: int, num_processes: int) -> tuple[int, int]:
-    """The contiguous slice [start, end) of `n_rows` that one process generates (sizes differ by at most one)."""
-    return n_rows * process_index // num_processes, n_rows * (process_index + 1) // num_processes
 
 
 def distributed_state():
@@ -375,7 +368,9 @@ def generate_llm_negatives(
     if pool is None:
         retain = as_rows(retain_rows, "retain") if retain_rows is not None else []
         pool = build_pool(row["completion"] for row in retain)
-    start, end = shard_bounds(len(rows), state.process_index, state.num_processes) if state else (0, len(rows))
+    from ..evaluation.evaluator import shard_bounds
+
+    start, end = shard_bounds(len(rows), state.num_processes, state.process_index) if state else (0, len(rows))
     shard = _generate_shard(
         rows[start:end], model, tokenizer, levels, prompt_template, system_prompt, batch_size, max_new_tokens,
         do_sample, seed, max_retries, pool,
