@@ -22,6 +22,7 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
+from .modeling import is_adalora, is_peft_model, save_merged
 from .reference import adapter_disabled, frozen_copy, prepare_reference_model, resolve_reference_mode
 
 logger = logging.get_logger(__name__)
@@ -36,22 +37,6 @@ def training_length(args: GNMConfig, num_examples: int) -> int:
     batches_per_epoch = math.ceil(num_examples / (args.per_device_train_batch_size * max(1, args.world_size)))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
     return math.ceil(args.num_train_epochs * steps_per_epoch)
-
-
-def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep the trainer importable without it
-        return False
-    return isinstance(model, PeftModel)
-
-
-def is_adalora(model) -> bool:
-    if not is_peft_model(model):
-        return False
-    from peft import AdaLoraConfig
-
-    return isinstance(model.peft_config.get(model.active_adapter), AdaLoraConfig)
 
 
 # `auto` runs one forward pass unless padding every group to the common length adds more than this share of tokens.
@@ -494,16 +479,6 @@ def warn_about_overlap(forget_rows, retain_rows) -> None:
             "they are unlearned and retained at the same time",
             len(shared_ids), len(shared_pairs), sorted(shared_ids)[:5],
         )
-
-
-def save_merged(peft_model, tokenizer, output_dir: str) -> None:
-    """Write the adapter merged into full weights (from a copy: the trained PEFT model stays usable) and the tokenizer."""
-    import copy
-
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    merged.save_pretrained(output_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
 
 
 def _as_dataset(examples: list[dict[str, Any]]):

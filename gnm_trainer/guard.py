@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .errors import GNMInputError
+from .modeling import is_peft_model
 
 logger = logging.get_logger(__name__)
 
@@ -54,7 +55,6 @@ def load_checkpoint_weights(model, checkpoint_dir: str) -> None:
     full weights (one `model.safetensors` or shards listed in `model.safetensors.index.json`)."""
     from safetensors.torch import load_file
 
-    from .gnm_trainer import is_peft_model
 
     if is_peft_model(model):
         from peft import set_peft_model_state_dict

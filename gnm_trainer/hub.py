@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import GNMInputError
 from .io_utils import atomic_write_text
+from .modeling import is_peft_model, save_merged
 from .model_card import CARD_FILE, build_model_card, summary_from_directory, summary_from_trainer
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,6 @@ def _hub_token_unset(args) -> Iterator[None]:
 
 def _stage_trainer(trainer, staging: str, merged: bool) -> None:
     """Save the trainer's model into `staging` (every process calls this: saving gathers sharded weights)."""
-    from .gnm_trainer import is_peft_model, save_merged
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if merged and is_peft_model(model):

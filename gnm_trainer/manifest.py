@@ -18,6 +18,7 @@ from importlib import metadata, util
 from typing import Any
 
 from .io_utils import atomic_write_json
+from .modeling import is_peft_model
 
 MANIFEST_FILE = "gnm_manifest.json"
 MANIFEST_VERSION = 1
@@ -124,7 +125,6 @@ def distributed_setup(trainer) -> dict[str, Any]:
 
 def peft_summary(model) -> dict[str, Any] | None:
     """PEFT type, adapter name and rank of the active adapter; `None` for a model trained in full."""
-    from .gnm_trainer import is_peft_model
 
     if not is_peft_model(model):
         return None
