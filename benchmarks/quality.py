@@ -35,12 +35,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchmark_paths import DEFAULT_LUME, HERE  # noqa: E402
 from quality_report import measure_model, write_summary  # noqa: E402
 
 from gnm_trainer.io_utils import atomic_write_json, read_json_file  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_LUME = os.path.join(HERE, "..", "..", "shared", "data", "lume")
 LUME_HUB_ID = "llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public"
 SYNTHETIC = "synthetic"
 

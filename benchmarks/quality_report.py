@@ -19,6 +19,7 @@ import os
 import statistics
 from collections.abc import Sequence
 
+from gnm_trainer.evaluation.semeval import rouge_l
 from gnm_trainer.io_utils import atomic_path, atomic_write_json, atomic_write_text
 
 TASKS = ("Task1", "Task2", "Task3")
@@ -34,10 +35,7 @@ def is_gibberish(text: str) -> bool:
 
 
 def qa_rouge(rows: Sequence[dict], split: str) -> float | None:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(row["reference"], row["generation"])["rougeL"].fmeasure
+    scores = [rouge_l(row["reference"], row["generation"]).fmeasure
               for row in rows if row["split"] == split and row["kind"] == "qa"]
     return sum(scores) / len(scores) if scores else None
 

@@ -44,8 +44,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_LUME = os.path.join(HERE, "..", "..", "shared", "data", "lume")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchmark_paths import DEFAULT_LUME, HERE  # noqa: E402
+
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "speed.json")
 MEASUREMENTS = ("a", "b", "c", "d", "e")
 MEMORY_VARIANTS = ("no_reference", "klr_adapter_disabled", "klr_copy")

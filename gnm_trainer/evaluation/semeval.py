@@ -43,9 +43,15 @@ def _rouge_l_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
+def rouge_l(reference: str, generation: str):
+    """Stemmed ROUGE-L of `generation` against `reference`, as `rouge_score` gives it (precision, recall,
+    fmeasure): the official metric reads the recall, the paper's QA figure the F-measure."""
+    return _rouge_l_scorer().score(target=str(reference), prediction=str(generation))["rougeL"]
+
+
 def regurgitation_score(reference: str, generation: str) -> float:
     """ROUGE-L recall of `reference` in `generation`: how much of the reference the model reproduced."""
-    return float(_rouge_l_scorer().score(target=str(reference), prediction=str(generation))["rougeL"].recall)
+    return float(rouge_l(reference, generation).recall)
 
 
 def knowledge_score(reference: str, generation: str) -> float:
