@@ -15,7 +15,10 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
 4. Weight choice for "GNM (tuned)": the grid in the preset, each point unlearning the *validation* forget set with
    the validation retain set, scored by HM12 on those validation rows only. The train rows are never looked at.
 5. Every method x seed unlearns the train forget set (LoRA, same optimiser, learning rate and steps for all,
-   collapse guard off so that a collapse shows) and is evaluated every `eval_every` steps.
+   collapse guard off so that a collapse shows) and is evaluated every `eval_every` steps. Every method trains on
+   GNMConfig's default text, prompt and completion joined by one space, so the raw prompts the evaluation feeds are
+   the format each was trained in ("GNM (paper)" is the paper's loss and weights, not its `>> ... is the answer.`
+   template, which would confound the comparison: see recipes/olmo-7b/semeval25/README.md).
 6. `summary.md`, `summary.json` and `tradeoff.png` in `--output`: mean +- sd over seeds, and the curves.
 
 The metric per evaluation: the official one (regurgitation and knowledge per task and split, HM12, MIA AUC and

@@ -52,7 +52,7 @@ def measure_model(model, tokenizer, forget, retain, documents: dict | None, pres
 
     mia = {"mia_members": documents["members"], "mia_nonmembers": documents["nonmembers"]} if documents else {}
     results, rows = evaluate_model(model, tokenizer, forget, retain, max_new_tokens=preset.max_new_tokens,
-                                   batch_size=preset.eval_batch_size, **mia)
+                                   batch_size=preset.eval_batch_size, show_progress=False, **mia)
     metrics: dict = {}
     for split, key in SPLITS.items():
         for task in TASKS:

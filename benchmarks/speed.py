@@ -570,7 +570,7 @@ def measure_evaluation(preset: Preset, data: Data, device: str) -> dict:
 
     start = clock(device)
     results, rows = evaluate_model(model, tokenizer, forget, retain, members, nonmembers,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False)
     batched_seconds = clock(device) - start
     examples = [{key: row[key] for key in ("id", "split", "task", "prompt", "reference")} for row in rows]
     official = official_evaluation(model, tokenizer, examples, members, nonmembers, max_new_tokens, device)
@@ -586,6 +586,7 @@ def measure_evaluation(preset: Preset, data: Data, device: str) -> dict:
     same_scores = [r["score"] for r in rows] == [r["score"] for r in official["rows"]] and all(
         results[key] == official["results"][key] for key in official["results"]
     )
+    settings = results.pop("settings")  # how the batched run generated (dtype, batch size, prompts); not a result
     return {
         "model_parameters": parameter_count(model),
         "rows": len(rows),
@@ -605,6 +606,7 @@ def measure_evaluation(preset: Preset, data: Data, device: str) -> dict:
         "same_scores": same_scores,
         "batched_scores": [r["score"] for r in rows],
         "one_by_one_scores": [r["score"] for r in official["rows"]],
+        "evaluation_settings": settings,
         "batched_results": results,
         "one_by_one_results": official["results"],
     }

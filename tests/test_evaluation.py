@@ -222,6 +222,113 @@ def test_evaluate_model_matches_the_official_loop(tiny_model, tiny_tokenizer, fo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Prompt format (text_template), precision (dtype) and progress bars
+# ---------------------------------------------------------------------------------------------------------------
+
+PAPER_TEMPLATE = "{prompt} >> {completion} is the answer."
+
+
+def _record_generate_inputs(model):
+    """Wrap `model.generate` so that the token ids of each call's rows (padding removed) are recorded."""
+    fed, generate = [], model.generate
+
+    def recording_generate(*args, **kwargs):
+        for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):
+            fed.append(ids[mask.bool()].tolist())
+        return generate(*args, **kwargs)
+
+    model.generate = recording_generate
+    return fed
+
+
+def _evaluate_feeding(model, tokenizer, forget_rows, retain_rows, **options):
+    fed = _record_generate_inputs(model)
+    members, nonmembers = _texts(forget_rows[:2]), _texts(retain_rows[:2])
+    results, rows = evaluate_model(model, tokenizer, forget_rows, retain_rows, members, nonmembers,
+                                   max_new_tokens=2, batch_size=3, **options)
+    return fed, results, rows
+
+
+def test_a_template_prompts_generation_with_its_prompt_side(tiny_model, tiny_tokenizer, forget_rows, retain_rows):
+    rows = forget_rows + retain_rows
+    fed, results, per_example = _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows,
+                                                  text_template=PAPER_TEMPLATE)
+    expected = [tiny_tokenizer(f"{row['input']} >>")["input_ids"] for row in rows]
+    assert sorted(fed) == sorted(expected)  # batches are length-sorted: compare as multisets
+    assert [row["prompt"] for row in per_example] == [f"{row['input']} >>" for row in rows]
+    assert results["settings"]["text_template"] == PAPER_TEMPLATE
+    assert results["settings"]["prompt_format"] == "{prompt} >>"
+    assert any("not fed raw" in note for note in results["notes"])
+    # MIA documents are scored raw whatever the template: the same AUC as the official format
+    _, official, _ = _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows)
+    assert results["mia_loss_acc"] == official["mia_loss_acc"]
+
+
+def test_the_default_prompt_is_the_raw_input(tiny_model, tiny_tokenizer, forget_rows, retain_rows):
+    fed, results, per_example = _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows)
+    assert sorted(fed) == sorted(tiny_tokenizer(row["input"])["input_ids"] for row in forget_rows + retain_rows)
+    assert results["settings"]["text_template"] is None and results["settings"]["prompt_format"] == "{prompt}"
+    assert not any("not fed raw" in note for note in results["notes"])
+    assert "answer" not in per_example[0]
+
+
+def test_a_template_s_closing_text_is_removed_before_scoring(tiny_model, tiny_tokenizer, monkeypatch):
+    import gnm_trainer.evaluation.evaluator as evaluator_module
+
+    monkeypatch.setattr(evaluator_module, "generate_greedy", lambda model, tokenizer, prompts, **kwargs:
+                        [" Quillport is the answer."] * len(prompts))
+    forget = [{"id": "f1qa0", "input": "Where does Alma Breck live?", "output": "Quillport", "task": "Task2"}]
+    retain = [{"id": "r1qa0", "input": "Where does Tom Vale live?", "output": "Quillport", "task": "Task2"}]
+    _, templated = evaluate_model(tiny_model, tiny_tokenizer, forget, retain, text_template=PAPER_TEMPLATE)
+    _, raw = evaluate_model(tiny_model, tiny_tokenizer, forget, retain)
+    assert [row["score"] for row in templated] == [1.0, 1.0]
+    assert templated[0]["answer"] == " Quillport" and templated[0]["generation"] == " Quillport is the answer."
+    assert [row["score"] for row in raw] == [0.0, 0.0]
+    with pytest.raises(GNMInputError, match="text_template"):
+        evaluate_model(tiny_model, tiny_tokenizer, forget, retain, text_template="{completion} after {prompt}")
+
+
+def _record_dtypes(monkeypatch):
+    """Record the parameter dtype of the model that generation and the MIA NLL see."""
+    import gnm_trainer.evaluation.evaluator as evaluator_module
+
+    seen = {}
+    for name in ("generate_greedy", "document_nll"):
+        function = getattr(evaluator_module, name)
+
+        def recording(model, *args, _name=name, _function=function, **kwargs):
+            seen[_name] = next(model.parameters()).dtype
+            return _function(model, *args, **kwargs)
+
+        monkeypatch.setattr(evaluator_module, name, recording)
+    return seen
+
+
+def test_evaluate_model_scores_a_copy_in_the_requested_dtype(tiny_model, tiny_tokenizer, forget_rows, retain_rows,
+                                                             monkeypatch):
+    seen = _record_dtypes(monkeypatch)
+    _, results, _ = _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows, dtype="bfloat16")
+    assert seen == {"generate_greedy": torch.bfloat16, "document_nll": torch.bfloat16}
+    assert results["settings"]["dtype"] == "bfloat16"
+    assert next(tiny_model.parameters()).dtype == torch.float32  # the model itself is untouched
+    _, results, _ = _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows)  # default: as it is
+    assert seen["generate_greedy"] == torch.float32 and results["settings"]["dtype"] == "float32"
+    with pytest.raises(GNMInputError, match="dtype"):
+        evaluate_model(tiny_model, tiny_tokenizer, forget_rows, retain_rows, dtype="int8")
+
+
+def test_progress_bars_count_prompts_and_documents_and_can_be_turned_off(tiny_model, tiny_tokenizer, forget_rows,
+                                                                        retain_rows, capsys):
+    _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows)
+    shown = capsys.readouterr().err
+    assert "generation" in shown and "8/8" in shown  # 4 forget + 4 retain prompts
+    assert "MIA NLL" in shown and "8/8" in shown.split("MIA NLL", 1)[1]  # 4 + 4 documents
+    _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows, show_progress=False)
+    hidden = capsys.readouterr().err
+    assert "generation" not in hidden and "MIA NLL" not in hidden
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Files: report, CLI, evaluate module
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -269,6 +376,25 @@ def test_cli_evaluate_end_to_end(tmp_path, saved_model_and_data, capsys):
     # a user error: exit status 2 and a message naming the problem, before any model is loaded
     assert gnm_main(["evaluate", "--model", model_dir, "--data", data_dir, "--mmlu-score", "nope.json"]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_cli_evaluates_in_the_requested_dtype_and_records_it(tmp_path, saved_model_and_data, capsys, monkeypatch):
+    model_dir, data_dir = saved_model_and_data
+    seen = _record_dtypes(monkeypatch)
+    output_dir = str(tmp_path / "eval")
+    code = gnm_main(["evaluate", "--model", model_dir, "--data", data_dir, "--mia-data", os.path.join(data_dir, "mia"),
+                     "--max-new-tokens", "4", "--dtype", "bfloat16", "--batch-size", "1", "--no-progress",
+                     "--text-template", PAPER_TEMPLATE, "--output-dir", output_dir])
+    assert code == 0
+    assert seen == {"generate_greedy": torch.bfloat16, "document_nll": torch.bfloat16}
+    results = json.load(open(os.path.join(output_dir, "evaluation_results.json")))
+    assert results["settings"]["dtype"] == "bfloat16" and results["settings"]["batch_size"] == 1
+    assert results["settings"]["text_template"] == PAPER_TEMPLATE
+    report = open(os.path.join(output_dir, "report.md")).read()
+    assert "evaluated in bfloat16, batch size 1, prompts as `{prompt} >>`" in report
+    assert "generation" not in capsys.readouterr().err  # --no-progress
+    assert gnm_main(["evaluate", "--model", model_dir, "--data", data_dir, "--dtype", "double"]) == 2
+    assert "dtype: expected one of float32, bfloat16, float16, auto" in capsys.readouterr().err
 
 
 def test_cli_help_has_examples(capsys):
@@ -325,6 +451,22 @@ def test_callback_keeps_the_best_step(tmp_path, tiny_model, tiny_tokenizer, forg
     best = json.load(open(os.path.join(args.output_dir, "best", "best.json")))
     assert (best["step"], best["value"]) == (4, 0.5) and callback.best_step == 4
     assert os.path.isfile(os.path.join(args.output_dir, "best", "config.json"))
+
+
+def test_callback_forwards_dtype_template_and_progress(tmp_path, tiny_model, tiny_tokenizer, forget_rows,
+                                                      retain_rows, monkeypatch):
+    import gnm_trainer.evaluation.callback as callback_module
+
+    received = []
+    monkeypatch.setattr(callback_module, "evaluate_model", lambda *a, **k: (
+        received.append(k) or semeval_results([_row("retain", "Task2", "qa", 1.0)]), []))
+    args, state, control = _args_and_state(tmp_path)
+    SemEvalCallback(forget_rows, retain_rows, save_best=False).evaluate(args, state, tiny_model, tiny_tokenizer)
+    SemEvalCallback(forget_rows, retain_rows, save_best=False, dtype="bfloat16", text_template=PAPER_TEMPLATE,
+                    show_progress=True).evaluate(args, state, tiny_model, tiny_tokenizer)
+    options = [{key: k[key] for key in ("dtype", "text_template", "show_progress")} for k in received]
+    assert options == [{"dtype": "auto", "text_template": None, "show_progress": False},
+                       {"dtype": "bfloat16", "text_template": PAPER_TEMPLATE, "show_progress": True}]
 
 
 def test_callback_in_a_trainer_with_a_peft_model(tmp_path, tiny_model, tiny_tokenizer, forget_rows, retain_rows):

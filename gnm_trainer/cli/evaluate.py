@@ -10,12 +10,20 @@ EXAMPLES = """examples:
   gnm evaluate --model out/unlearned --data data/lume --partition validation \\
       --mmlu-score mmlu.json --baseline-results out/eval-target/evaluation_results.json
 
+  # the leaderboard's setting: bf16, one example at a time, as the organisers' script runs
+  gnm evaluate --model out/unlearned --data data/lume --dtype bfloat16 --batch-size 1
+
+  # a model trained with the paper's template, prompted in that format (a diagnostic, not the official score)
+  gnm evaluate --model out/paper --data data/lume --text-template "{prompt} >> {completion} is the answer."
+
   # several GPUs: each process scores a shard, the main process writes the files
   accelerate launch --multi_gpu --num_processes 4 "$(which gnm)" evaluate --model out/unlearned --data data/lume
 
-Writes evaluation_results.json (the official keys), per_example.jsonl, report.md and plot.png into --output-dir.
-The model is loaded in bf16 on a GPU (as the organisers did) and in float32 on a CPU. Without MIA documents or an
-MMLU score the final score is the mean of the terms available, and the results say which.
+Writes evaluation_results.json (the official keys, plus the settings used), per_example.jsonl, report.md and
+plot.png into --output-dir. The model is loaded in float32 by default: batched and one-at-a-time generation then
+give the same tokens. The organisers loaded bf16 and generated one example at a time (--dtype bfloat16
+--batch-size 1 reproduces the leaderboard's numbers); batched bf16 generation can differ from one-at-a-time bf16.
+Without MIA documents or an MMLU score the final score is the mean of the terms available, and the results say which.
 """
 
 
@@ -42,6 +50,14 @@ def register(subparsers) -> None:
                    help="an earlier evaluation_results.json to show as 'before' in the report")
     p.add_argument("--batch-size", type=int, default=16, help="prompts/documents per forward pass (default: 16)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens generated per prompt (default: 256)")
+    # The choices are checked by the evaluation (DTYPES), which this parser does not import: `gnm --help` stays light.
+    p.add_argument("--dtype", default="float32",
+                   help="precision the model is loaded in: float32 (default; batch-invariant), bfloat16 (the "
+                   "organisers', with --batch-size 1), float16, or auto (the checkpoint's)")
+    p.add_argument("--text-template", default=None,
+                   help="the training text template (GNMConfig.text_template): prompt with its prompt side and score "
+                   "without its closing text (default: raw prompts, the official format; MIA documents stay raw)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars during generation and MIA")
     p.add_argument("--output-dir", default="evaluation", help="where to write the results (default: ./evaluation)")
     p.set_defaults(func=run)
 
@@ -56,7 +72,8 @@ def run(args) -> int:
     results = evaluate_path(
         args.model, args.data, args.output_dir, mia_dir=args.mia_data, mmlu_score=args.mmlu_score,
         partition=args.partition, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        run_mmlu=args.run_mmlu, baseline_results=args.baseline_results,
+        run_mmlu=args.run_mmlu, baseline_results=args.baseline_results, dtype=args.dtype,
+        text_template=args.text_template, show_progress=not args.no_progress,
     )
     if is_main_process():
         summary = {key: results[key] for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score",

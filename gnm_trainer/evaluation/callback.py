@@ -40,6 +40,11 @@ class SemEvalCallback(TrainerCallback):
         eval_steps: evaluate every this many optimizer steps (and at train end).
         objective: the results key to maximise (or minimise, with `greater_is_better=False`).
         tokenizer: the tokenizer to use; defaults to the Trainer's `processing_class`.
+        dtype: "auto" (default) scores the model in the dtype it trains in; "bfloat16" (the organisers' precision),
+            "float16" or "float32" score a copy cast to it, the trained weights untouched (`evaluate_model`).
+        text_template: None (default) prompts with the raw inputs, as the official evaluation does; pass the
+            training template (`args.text_template`) to score the model in the format it is trained on.
+        show_progress: tqdm bars during each evaluation (off by default: they would break the training bar).
     """
 
     def __init__(
@@ -56,6 +61,9 @@ class SemEvalCallback(TrainerCallback):
         save_best: bool = True,
         max_new_tokens: int = 256,
         batch_size: int = 16,
+        dtype: str = "auto",
+        text_template: str | None = None,
+        show_progress: bool = False,
     ):
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be at least 1, got {eval_steps}")
@@ -69,6 +77,9 @@ class SemEvalCallback(TrainerCallback):
         self.save_best = save_best
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.dtype = dtype
+        self.text_template = text_template
+        self.show_progress = show_progress
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.last_evaluated_step: int | None = None
@@ -90,7 +101,8 @@ class SemEvalCallback(TrainerCallback):
             raise ValueError("SemEvalCallback needs a tokenizer: pass tokenizer= or give the Trainer processing_class=")
         results, _ = evaluate_model(
             model, tokenizer, self.forget, self.retain, self.mia_members, self.mia_nonmembers,
-            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, dtype=self.dtype,
+            text_template=self.text_template, show_progress=self.show_progress,
         )
         self.last_evaluated_step = state.global_step
         metrics = flatten_results(results)

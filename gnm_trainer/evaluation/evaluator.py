@@ -9,14 +9,30 @@ every process ends with the same rows, in the same order, as a single process wo
 the main process writes files. (The organisers' script pads the last shard with repeated examples, which counts
 them twice; here nothing is repeated.) Every process must call `evaluate_model` with the same data. Models
 sharded by DeepSpeed ZeRO-3 or FSDP are not supported here: generation needs the full weights on each process.
+
+Precision (`dtype`): `evaluate_path` and `gnm evaluate` load the model in float32 by default, where batched and
+one-example-at-a-time generation give the same tokens (tested), so the batch size never changes a score. The
+leaderboard's numbers come from the organisers' script, which loads the model in bf16 and generates one example at a
+time: `dtype="bfloat16"` with `batch_size=1` reproduces them. Batched bf16 generation can take another greedy path
+than one-at-a-time bf16 where two tokens are within bf16 rounding of each other (`generation.py`).
+
+Prompt format (`text_template`, the same name and meaning as `GNMConfig.text_template`): by default (None) each
+prompt is fed raw, as the organisers do. With a template, generation is prompted with its prompt side (the text
+before `{completion}`, e.g. `"{prompt} >>"` for the paper's `"{prompt} >> {completion} is the answer."`), and the
+template's closing text (`" is the answer."`) is removed from the end of a generation before it is scored, so that a
+model answering in its training format is scored on its answer. The MIA NLL is always computed on the raw documents,
+as the organisers do: they are whole documents, not prompt/completion pairs. A template makes the evaluation a
+diagnostic of the training format, not the official score; the results record it under `settings`.
 """
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..data import load_unlearning_data, load_unlearning_splits, read_records
+from ..data.collator import render_prompt, split_template
 from ..errors import GNMInputError, where
 from ..io_utils import atomic_write_json, atomic_write_jsonl, read_json_file
 from .generation import document_nll, generate_greedy
@@ -24,6 +40,9 @@ from .semeval import score_example, semeval_results
 
 RESULTS_FILE = "evaluation_results.json"
 PER_EXAMPLE_FILE = "per_example.jsonl"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEFAULT_DTYPE = "float32"  # batch-invariant: batched generation gives the one-at-a-time tokens
+OFFICIAL_PROMPT = "{prompt}"  # the organisers feed each prompt raw
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,28 +103,97 @@ def eval_mode(model) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Precision and prompt format
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def torch_dtype(name: str):
+    """The torch dtype called `name` (one of `DTYPES`; "auto" stays "auto")."""
+    import torch
+
+    if name not in DTYPES:
+        raise GNMInputError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+    return name if name == "auto" else getattr(torch, name)
+
+
+def dtype_name(model) -> str:
+    """The dtype of the model's parameters, as in `DTYPES` ("float32", "bfloat16", ...)."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def in_dtype(model, dtype: str) -> Iterator[Any]:
+    """`model` itself when `dtype` is "auto" or its own dtype, else a copy cast to `dtype` for the block.
+
+    The model is never cast in place: casting it to a lower precision and back would round its weights.
+    """
+    target = torch_dtype(dtype)
+    if target == "auto" or next(model.parameters()).dtype == target:
+        yield model
+        return
+    cast = copy.deepcopy(model).to(target)
+    try:
+        yield cast
+    finally:
+        del cast
+
+
+def prompt_format(text_template: str | None) -> str:
+    """The prompt side of `text_template` (the text before `{completion}`); `"{prompt}"`, the raw prompt, for None."""
+    if text_template is None:
+        return OFFICIAL_PROMPT
+    if "{completion}" not in text_template or "{prompt}" not in split_template(text_template)[0]:
+        raise GNMInputError(f"text_template: {text_template!r} must contain '{{prompt}}' followed by '{{completion}}'")
+    return split_template(text_template)[0]
+
+
+def closing_text(text_template: str | None) -> str:
+    """What a template puts after `{completion}` (`" is the answer."` for the paper's), stripped; "" for None."""
+    if text_template is None:
+        return ""
+    return split_template(text_template)[1].split("{completion}", 1)[1].strip()
+
+
+def answer_of(generation: str, closing: str) -> str:
+    """The generation without the template's closing text at its end (the generation itself without one)."""
+    text = generation.rstrip()
+    return text[: -len(closing)].rstrip() if closing and text.endswith(closing) else generation
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Evaluation of a model in memory
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _examples(forget, retain) -> list[dict[str, Any]]:
+def _examples(forget, retain, text_template: str | None = None) -> list[dict[str, Any]]:
+    """One example per forget and retain row; `prompt` is the text generation is prompted with."""
     examples = []
     for split, source in (("forget", forget), ("retain", retain)):
         for row in load_unlearning_data(source, split=split):
-            examples.append({"id": row["id"], "split": split, "task": row["task"], "prompt": row["prompt"],
+            prompt = row["prompt"] if text_template is None else render_prompt(row["prompt"], text_template, row["chat"])
+            examples.append({"id": row["id"], "split": split, "task": row["task"], "prompt": prompt,
                              "reference": row["completion"]})
     return examples
 
 
-def score_generations(examples: Sequence[dict[str, Any]], generations: Sequence[str]) -> list[dict[str, Any]]:
-    """Per-example rows (id, split, task, kind, prompt, reference, generation, score) from examples and outputs."""
+def score_generations(
+    examples: Sequence[dict[str, Any]], generations: Sequence[str], text_template: str | None = None
+) -> list[dict[str, Any]]:
+    """Per-example rows (id, split, task, kind, prompt, reference, generation, score) from examples and outputs.
+
+    With a template that closes the completion with text of its own, the score is that of the generation without it,
+    and the rows also hold that text as `answer`.
+    """
+    closing = closing_text(text_template)
     rows = []
     for example, generation in zip(examples, generations, strict=True):
-        kind, score = score_example(example["id"], example["reference"], generation)
-        rows.append({
+        answer = answer_of(generation, closing)
+        kind, score = score_example(example["id"], example["reference"], answer)
+        row = {
             "id": example["id"], "split": example["split"], "task": example["task"], "kind": kind,
             "prompt": example["prompt"], "reference": example["reference"], "generation": generation, "score": score,
-        })
+        }
+        rows.append(row | {"answer": answer} if closing else row)
     return rows
 
 
@@ -119,6 +207,9 @@ def evaluate_model(
     mmlu_score: float | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    dtype: str = "auto",
+    text_template: str | None = None,
+    show_progress: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score `model` with the SemEval-2025 Task 4 metric; returns `(results, per_example_rows)`.
 
@@ -126,25 +217,50 @@ def evaluate_model(
         forget, retain: normalised datasets (`load_unlearning_data`) or lists of rows in any accepted format.
         mia_members, mia_nonmembers: documents for the loss-based membership attack (both or neither).
         mmlu_score: an MMLU average computed elsewhere (enters the final score when given).
+        dtype: "auto" evaluates the model as it is; "float32", "bfloat16" or "float16" evaluate a copy cast to that
+            dtype when the model is in another one. The leaderboard's numbers are bf16, one example at a time
+            (`batch_size=1`); batched bf16 generation can differ from them (see the module docstring).
+        text_template: None feeds the raw prompts (the official format); a training template (`GNMConfig.
+            text_template`) prompts with its prompt side and scores generations without its closing text. MIA
+            documents are always scored raw.
+        show_progress: tqdm bars for generation and MIA (on the main process).
+
+    The results record `dtype`, `text_template`, `prompt_format`, `batch_size` and `max_new_tokens` under
+    `settings`, beside the official keys.
     """
     if (mia_members is None) != (mia_nonmembers is None):
         raise GNMInputError("MIA needs both member and non-member documents (got only one of them)")
-    examples = _examples(forget, retain)
+    prompt_side = prompt_format(text_template)
+    examples = _examples(forget, retain, text_template)
     local_examples = _local_shard(examples)
-    with eval_mode(model):
+    show_progress = show_progress and is_main_process()
+    with in_dtype(model, dtype) as evaluated, eval_mode(evaluated):
         generations = generate_greedy(
-            model, tokenizer, [e["prompt"] for e in local_examples], max_new_tokens=max_new_tokens, batch_size=batch_size
+            evaluated, tokenizer, [e["prompt"] for e in local_examples], max_new_tokens=max_new_tokens,
+            batch_size=batch_size, show_progress=show_progress,
         ) if local_examples else []
-        rows = _gather(score_generations(local_examples, generations))
-        member_nll = nonmember_nll = None
-        if mia_members is not None:
-            documents = list(mia_members) + list(mia_nonmembers)
-            local_documents = _local_shard(documents)
-            local_nll = document_nll(model, tokenizer, local_documents, batch_size=batch_size) if local_documents else []
-            nll = _gather(local_nll)
-            member_nll, nonmember_nll = nll[: len(mia_members)], nll[len(mia_members) :]
+        rows = _gather(score_generations(local_examples, generations, text_template))
+        member_nll, nonmember_nll = _mia_nll(evaluated, tokenizer, mia_members, mia_nonmembers, batch_size,
+                                             show_progress)
+        evaluated_dtype = dtype_name(evaluated)
     results = semeval_results(rows, member_nll, nonmember_nll, mmlu_score)
+    if prompt_side != OFFICIAL_PROMPT:
+        results["notes"].append(f"prompts rendered as {prompt_side!r} (text_template {text_template!r}), not fed raw "
+                                "as in the official evaluation; MIA documents scored raw")
+    results["settings"] = {"dtype": evaluated_dtype, "text_template": text_template, "prompt_format": prompt_side,
+                           "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     return results, rows
+
+
+def _mia_nll(model, tokenizer, members, nonmembers, batch_size: int, show_progress: bool):
+    """`(member_nll, nonmember_nll)` of the raw documents, sharded across processes; `(None, None)` without MIA."""
+    if members is None:
+        return None, None
+    local_documents = _local_shard(list(members) + list(nonmembers))
+    local_nll = document_nll(model, tokenizer, local_documents, batch_size=batch_size,
+                             show_progress=show_progress) if local_documents else []
+    nll = _gather(local_nll)
+    return nll[: len(members)], nll[len(members) :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,16 +346,16 @@ def run_lm_eval_mmlu(model, tokenizer, batch_size: int = 16) -> tuple[float | No
     return score, "MMLU run with lm_eval (task 'mmlu', 0-shot); the organisers used Open-Instruct's runner"
 
 
-def load_model_and_tokenizer(model_path: str):
+def load_model_and_tokenizer(model_path: str, dtype: str = DEFAULT_DTYPE):
     """A causal LM (or a PEFT adapter folder over one) and its tokenizer, on this process's device.
 
-    The dtype is bf16 on a GPU, as in the organisers' script, and float32 on a CPU (bf16 matmuls are slow there).
+    `dtype` is one of `DTYPES`: "auto" keeps the checkpoint's dtype; the organisers load bf16, our default is float32
+    (see the module docstring).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = _partial_state().device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch_dtype(dtype)
     adapter_config = os.path.join(model_path, "adapter_config.json")
     try:
         if os.path.isfile(adapter_config):
@@ -277,30 +393,34 @@ def evaluate_path(
     run_mmlu: bool = False,
     baseline_results: str | None = None,
     report: bool = True,
+    dtype: str = DEFAULT_DTYPE,
+    text_template: str | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the model saved at `model_path` on `data_dir` and write the results into `output_dir`.
 
     Writes `evaluation_results.json` and `per_example.jsonl` (and, with `report`, `report.md` and `plot.png`,
     comparing with `baseline_results`, an earlier `evaluation_results.json`, when given). Inputs are checked before
-    the model is loaded.
+    the model is loaded. The model is loaded in `dtype` (float32 by default; `"bfloat16"` with `batch_size=1` is
+    the organisers' setting, which the leaderboard's numbers come from); `text_template` and `show_progress` as in
+    `evaluate_model`.
     """
     mmlu = resolve_mmlu_score(mmlu_score)
     baseline = _read_results(baseline_results) if baseline_results else None
+    prompt_format(text_template), torch_dtype(dtype)  # checked before anything is loaded
     forget, retain = load_unlearning_splits(data_dir, partition=partition)
     members, nonmembers = load_mia_documents(mia_dir) if mia_dir else (None, None)
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype)
     extra_notes = []
     if run_mmlu and mmlu is None:
         mmlu, note = run_lm_eval_mmlu(model, tokenizer, batch_size=batch_size)
         extra_notes.append(note)
     results, rows = evaluate_model(model, tokenizer, forget, retain, members, nonmembers, mmlu,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                                   text_template=text_template, show_progress=show_progress)
     results["notes"] = extra_notes + results["notes"]
-    results["settings"] = {
-        "model": model_path, "data": data_dir, "partition": partition, "mia_data": mia_dir,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-    }
+    results["settings"] = {"model": model_path, "data": data_dir, "partition": partition, "mia_data": mia_dir,
+                           **results["settings"]}
     if is_main_process():
         atomic_write_json(os.path.join(output_dir, RESULTS_FILE), results)
         atomic_write_jsonl(os.path.join(output_dir, PER_EXAMPLE_FILE), rows)

@@ -14,6 +14,9 @@ at a time. The batched versions here give the same tokens and the same losses:
   and results come back in input order; on a CPU, NLL batches are also capped in token positions (see
   `CPU_NLL_BATCH_TOKENS`).
 
+Both batched functions can show a tqdm progress bar (`show_progress`, off by default), counted in prompts or
+documents, like the bars of the rest of the Hugging Face stack.
+
 Equality is exact in the tokens chosen as long as matrix products of different shapes round alike. In float32 on a
 CPU they did in every test; in bf16 on a GPU a batch can change the reduction order of a product, and when two
 candidate tokens are within that rounding of each other the greedy choice may differ (rare, and the same happens
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 
 def pad_token_id(tokenizer, name: str = "tokenizer") -> int:
@@ -80,6 +84,11 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tup
     return input_ids, attention_mask
 
 
+def progress_bar(total: int, description: str, unit: str, show: bool):
+    """A tqdm bar over `total` items (on stderr); a silent one when `show` is False."""
+    return tqdm(total=total, desc=description, unit=unit, disable=not show, dynamic_ncols=True)
+
+
 def _decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
     # The organisers also passed clean_up_tokenization_spaces=True; transformers 5 ignores it for BPE tokenizers
     # (it would delete real spaces before punctuation), so it is left off rather than warned about on every call.
@@ -88,31 +97,44 @@ def _decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def generate_greedy(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 256, batch_size: int = 16
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int] = 256,
+    batch_size: int = 16,
+    show_progress: bool = False,
 ) -> list[str]:
     """Greedy continuations of `prompts` (raw text, no chat template), batched; only the new text, in input order.
 
     `max_new_tokens` is one budget for all, or one per prompt: a batch runs to its largest budget and each row keeps
-    only its own first tokens, so a row's text does not depend on its batch.
+    only its own first tokens, so a row's text does not depend on its batch. `show_progress` shows a bar.
     """
     pad_id = pad_token_id(tokenizer)
     encoded = encode_each(tokenizer, prompts)
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     generations: list[str] = [""] * len(prompts)
-    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
-        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
-        output = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max(budgets[i] for i in batch),
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad_id,
-        )
-        new_tokens = output[:, input_ids.shape[1] :]
-        for row, index in enumerate(batch):
-            generations[index] = _decode_new_tokens(tokenizer, new_tokens[row : row + 1, : budgets[index]])[0]
+    with progress_bar(len(prompts), "generation", "prompt", show_progress) as bar:
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+            texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], [budgets[i] for i in batch], pad_id)
+            for index, text in zip(batch, texts):
+                generations[index] = text
+            bar.update(len(batch))
     return generations
+
+
+def _generate_batch(model, tokenizer, sequences, budgets: Sequence[int], pad_id: int) -> list[str]:
+    """The new text of each sequence of one left-padded batch, each cut to its own budget of tokens."""
+    input_ids, attention_mask = pad_batch(sequences, pad_id, side="left")
+    output = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        max_new_tokens=max(budgets),
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad_id,
+    )
+    new_tokens = output[:, input_ids.shape[1] :]
+    return [_decode_new_tokens(tokenizer, new_tokens[row : row + 1, :budget])[0] for row, budget in enumerate(budgets)]
 
 
 @torch.no_grad()
@@ -133,24 +155,29 @@ def generate_one_by_one(model, tokenizer, prompts: Sequence[str], max_new_tokens
 
 
 @torch.no_grad()
-def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:
+def document_nll(
+    model, tokenizer, documents: Sequence[str], batch_size: int = 16, show_progress: bool = False
+) -> list[float]:
     """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), batched, in input order.
 
     Batches hold at most `batch_size` documents, and on a CPU at most `CPU_NLL_BATCH_TOKENS` token positions.
+    `show_progress` shows a bar.
     """
     pad_id = pad_token_id(tokenizer)
     encoded = encode_each(tokenizer, documents)
     losses: list[float] = [float("nan")] * len(documents)
     max_tokens = CPU_NLL_BATCH_TOKENS if model.device.type == "cpu" else None
-    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_tokens):
-        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="right")
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-        for row, index in enumerate(batch):
-            length = len(encoded[index])
-            # Token t predicts token t+1; upcast one document at a time to keep memory at one row of logits.
-            row_logits = logits[row, : length - 1].float()
-            row_labels = input_ids[row, 1:length].to(row_logits.device)
-            losses[index] = F.cross_entropy(row_logits, row_labels).item()
+    with progress_bar(len(documents), "MIA NLL", "document", show_progress) as bar:
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_tokens):
+            input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="right")
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+            for row, index in enumerate(batch):
+                length = len(encoded[index])
+                # Token t predicts token t+1; upcast one document at a time to keep memory at one row of logits.
+                row_logits = logits[row, : length - 1].float()
+                row_labels = input_ids[row, 1:length].to(row_logits.device)
+                losses[index] = F.cross_entropy(row_logits, row_labels).item()
+            bar.update(len(batch))
     return losses
 
 

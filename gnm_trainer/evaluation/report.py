@@ -59,12 +59,24 @@ def markdown_report(
     for name, result in columns:
         terms = result.get("aggregate-score-terms")
         notes = result.get("notes") or []
-        if terms or notes:
+        settings = settings_line(result.get("settings"))
+        if terms or notes or settings:
             lines += ["", f"Notes ({name}):"]
+            if settings:
+                lines.append(f"- {settings}")
             if terms:
                 lines.append(f"- final score = mean of {', '.join(terms)}")
             lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def settings_line(settings: Mapping[str, Any] | None) -> str:
+    """How the generations were made (dtype, batch size, prompt format), next to the organisers' way; "" if unknown."""
+    if not settings or "dtype" not in settings:
+        return ""
+    prompt = settings.get("prompt_format") or "{prompt}"
+    return (f"evaluated in {settings['dtype']}, batch size {settings.get('batch_size', '?')}, prompts as `{prompt}`"
+            " (the leaderboard: bfloat16, one example at a time, raw prompts `{prompt}`)")
 
 
 def plot_results(path: str, before_results: Mapping[str, Any], after_results: Mapping[str, Any] | None = None,
