@@ -20,7 +20,7 @@ COMMAND_RECIPES = sorted(
 def test_the_expected_recipes_exist():
     names = {os.path.relpath(path, os.path.join(ROOT, "recipes")) for path in UNLEARN_RECIPES}
     for model in ("olmo-7b", "olmo-1b"):
-        for variant in ("gnm_adalora", "gnm_lora", "ga", "ga_gd", "ga_klr", "npo_gd"):
+        for variant in ("gnm_adalora", "gnm_adalora_paper_template", "gnm_lora", "ga", "ga_gd", "ga_klr", "npo_gd"):
             assert f"{model}/semeval25/config_{variant}.yaml" in names
     assert "tiny/embedded/config_gnm_lora.yaml" in names
     assert len(COMMAND_RECIPES) == 6
@@ -36,15 +36,64 @@ def test_unlearn_recipes_parse_strictly(path):
         assert script_args.negatives_path
 
 
-def test_the_paper_recipe_is_the_papers():
-    path = os.path.join(ROOT, "recipes", "olmo-7b", "semeval25", "config_gnm_adalora.yaml")
-    script_args, args, model_args = parse_arguments(["--config", path, "--bf16", "false"])
+PAPER_TEMPLATE = "{prompt} >> {completion} is the answer."
+# What the authors' run sets apart from the recommended recipe: their text, no clipping, torch AdamW's decay.
+PAPER_ONLY = {"text_template": PAPER_TEMPLATE, "max_grad_norm": 0.0, "weight_decay": 0.01}
+
+
+def _recipe(model: str, variant: str):
+    path = os.path.join(ROOT, "recipes", model, "semeval25", f"config_{variant}.yaml")
+    return parse_arguments(["--config", path, "--bf16", "false"])
+
+
+@pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
+def test_the_paper_template_recipe_is_the_authors_run(model):
+    script_args, args, model_args = _recipe(model, "gnm_adalora_paper_template")
     assert script_args.peft_method == "adalora" and model_args.use_peft
     assert model_args.lora_target_modules == "all-linear"
     assert args.loss_weights == {"ga": 0.5, "klr": 5.0, "gnm": 0.04}
     assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps) == (1e-4, "linear", 0)
     assert (args.per_device_train_batch_size, args.max_steps, args.save_steps) == (1, 800, 100)
-    assert args.text_template == "{prompt} >> {completion} is the answer."
+    assert {key: getattr(args, key) for key in PAPER_ONLY} == PAPER_ONLY
+
+
+@pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
+def test_the_recommended_gnm_recipe_differs_from_the_authors_run_only_in_text_clipping_and_decay(model):
+    recommended, paper = _recipe(model, "gnm_adalora"), _recipe(model, "gnm_adalora_paper_template")
+    assert vars(recommended[0]) == vars(paper[0]) and recommended[2] == paper[2]
+    ours, theirs = recommended[1].to_dict(), paper[1].to_dict()
+    differing = {key for key in ours if ours[key] != theirs[key]}
+    assert differing == set(PAPER_ONLY) | {"output_dir"}
+    assert (ours["max_grad_norm"], ours["weight_decay"]) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("path", [p for p in UNLEARN_RECIPES if "paper_template" not in p],
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_recommended_recipes_train_in_the_format_the_evaluation_reads(path):
+    """The official scorer (and `gnm evaluate` by default) prompts with the raw input: the training text's prompt
+    side must be the raw prompt, or unlearning acts on a format nothing evaluates."""
+    from gnm_trainer.evaluation.evaluator import OFFICIAL_PROMPT, prompt_format
+
+    _, args, _ = parse_arguments(["--config", path, "--bf16", "false"])
+    assert prompt_format(args.text_template) == OFFICIAL_PROMPT
+
+
+@pytest.mark.parametrize("max_grad_norm, clipped_steps", [(0.0, 0), (1.0, 2)])
+def test_the_trainer_clips_only_when_max_grad_norm_is_positive(tmp_path, tiny_model, tiny_tokenizer, monkeypatch,
+                                                               max_grad_norm, clipped_steps):
+    """`max_grad_norm: 0` in the paper-template recipe means no clipping, as in the authors' loop."""
+    import datasets
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    calls = []
+    clip = Trainer._clip_grad_norm
+    monkeypatch.setattr(Trainer, "_clip_grad_norm", lambda self, model: calls.append(1) or clip(self, model))
+    ids = [tiny_tokenizer("Alma Breck loves teal.")["input_ids"]] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", max_grad_norm=max_grad_norm, disable_tqdm=True)
+    Trainer(model=tiny_model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}),
+            data_collator=default_data_collator).train()
+    assert len(calls) == clipped_steps
 
 
 @pytest.mark.parametrize("path", COMMAND_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
