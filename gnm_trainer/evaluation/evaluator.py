@@ -130,12 +130,8 @@ def in_dtype(model, dtype: str) -> Iterator[Any]:
     target = torch_dtype(dtype)
     if target == "auto" or next(model.parameters()).dtype == target:
         yield model
-        return
-    cast = copy.deepcopy(model).to(target)
-    try:
-        yield cast
-    finally:
-        del cast
+    else:
+        yield copy.deepcopy(model).to(target)  # freed when the block ends
 
 
 def prompt_format(text_template: str | None) -> str:
@@ -220,9 +216,9 @@ def evaluate_model(
         dtype: "auto" evaluates the model as it is; "float32", "bfloat16" or "float16" evaluate a copy cast to that
             dtype when the model is in another one. The leaderboard's numbers are bf16, one example at a time
             (`batch_size=1`); batched bf16 generation can differ from them (see the module docstring).
-        text_template: None feeds the raw prompts (the official format); a training template (`GNMConfig.
-            text_template`) prompts with its prompt side and scores generations without its closing text. MIA
-            documents are always scored raw.
+        text_template: None feeds the raw prompts (the official format); a training template (as in
+            `GNMConfig.text_template`) prompts with its prompt side and scores generations without its closing text.
+            MIA documents are always scored raw.
         show_progress: tqdm bars for generation and MIA (on the main process).
 
     The results record `dtype`, `text_template`, `prompt_format`, `batch_size` and `max_new_tokens` under
