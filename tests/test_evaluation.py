@@ -35,6 +35,7 @@ from gnm_trainer.evaluation import (
     shard_bounds,
     write_report,
 )
+from gnm_trainer.gnm_config import PAPER_TEXT_TEMPLATE
 
 MAX_NEW_TOKENS = 8
 
@@ -225,8 +226,6 @@ def test_evaluate_model_matches_the_official_loop(tiny_model, tiny_tokenizer, fo
 # Prompt format (text_template), precision (dtype) and progress bars
 # ---------------------------------------------------------------------------------------------------------------
 
-PAPER_TEMPLATE = "{prompt} >> {completion} is the answer."
-
 
 def _record_generate_inputs(model):
     """Wrap `model.generate` so that the token ids of each call's rows (padding removed) are recorded."""
@@ -252,11 +251,11 @@ def _evaluate_feeding(model, tokenizer, forget_rows, retain_rows, **options):
 def test_a_template_prompts_generation_with_its_prompt_side(tiny_model, tiny_tokenizer, forget_rows, retain_rows):
     rows = forget_rows + retain_rows
     fed, results, per_example = _evaluate_feeding(tiny_model, tiny_tokenizer, forget_rows, retain_rows,
-                                                  text_template=PAPER_TEMPLATE)
+                                                  text_template=PAPER_TEXT_TEMPLATE)
     expected = [tiny_tokenizer(f"{row['input']} >>")["input_ids"] for row in rows]
     assert sorted(fed) == sorted(expected)  # batches are length-sorted: compare as multisets
     assert [row["prompt"] for row in per_example] == [f"{row['input']} >>" for row in rows]
-    assert results["settings"]["text_template"] == PAPER_TEMPLATE
+    assert results["settings"]["text_template"] == PAPER_TEXT_TEMPLATE
     assert results["settings"]["prompt_format"] == "{prompt} >>"
     assert any("not fed raw" in note for note in results["notes"])
     # MIA documents are scored raw whatever the template: the same AUC as the official format
@@ -279,7 +278,7 @@ def test_a_template_s_closing_text_is_removed_before_scoring(tiny_model, tiny_to
                         [" Quillport is the answer."] * len(prompts))
     forget = [{"id": "f1qa0", "input": "Where does Alma Breck live?", "output": "Quillport", "task": "Task2"}]
     retain = [{"id": "r1qa0", "input": "Where does Tom Vale live?", "output": "Quillport", "task": "Task2"}]
-    _, templated = evaluate_model(tiny_model, tiny_tokenizer, forget, retain, text_template=PAPER_TEMPLATE)
+    _, templated = evaluate_model(tiny_model, tiny_tokenizer, forget, retain, text_template=PAPER_TEXT_TEMPLATE)
     _, raw = evaluate_model(tiny_model, tiny_tokenizer, forget, retain)
     assert [row["score"] for row in templated] == [1.0, 1.0]
     assert templated[0]["answer"] == " Quillport" and templated[0]["generation"] == " Quillport is the answer."
@@ -384,12 +383,12 @@ def test_cli_evaluates_in_the_requested_dtype_and_records_it(tmp_path, saved_mod
     output_dir = str(tmp_path / "eval")
     code = gnm_main(["evaluate", "--model", model_dir, "--data", data_dir, "--mia-data", os.path.join(data_dir, "mia"),
                      "--max-new-tokens", "4", "--dtype", "bfloat16", "--batch-size", "1", "--no-progress",
-                     "--text-template", PAPER_TEMPLATE, "--output-dir", output_dir])
+                     "--text-template", PAPER_TEXT_TEMPLATE, "--output-dir", output_dir])
     assert code == 0
     assert seen == {"generate_greedy": torch.bfloat16, "document_nll": torch.bfloat16}
     results = json.load(open(os.path.join(output_dir, "evaluation_results.json")))
     assert results["settings"]["dtype"] == "bfloat16" and results["settings"]["batch_size"] == 1
-    assert results["settings"]["text_template"] == PAPER_TEMPLATE
+    assert results["settings"]["text_template"] == PAPER_TEXT_TEMPLATE
     report = open(os.path.join(output_dir, "report.md")).read()
     assert "evaluated in bfloat16, batch size 1, prompts as `{prompt} >>`" in report
     assert "generation" not in capsys.readouterr().err  # --no-progress
@@ -462,11 +461,11 @@ def test_callback_forwards_dtype_template_and_progress(tmp_path, tiny_model, tin
         received.append(k) or semeval_results([_row("retain", "Task2", "qa", 1.0)]), []))
     args, state, control = _args_and_state(tmp_path)
     SemEvalCallback(forget_rows, retain_rows, save_best=False).evaluate(args, state, tiny_model, tiny_tokenizer)
-    SemEvalCallback(forget_rows, retain_rows, save_best=False, dtype="bfloat16", text_template=PAPER_TEMPLATE,
+    SemEvalCallback(forget_rows, retain_rows, save_best=False, dtype="bfloat16", text_template=PAPER_TEXT_TEMPLATE,
                     show_progress=True).evaluate(args, state, tiny_model, tiny_tokenizer)
     options = [{key: k[key] for key in ("dtype", "text_template", "show_progress")} for k in received]
     assert options == [{"dtype": "auto", "text_template": None, "show_progress": False},
-                       {"dtype": "bfloat16", "text_template": PAPER_TEMPLATE, "show_progress": True}]
+                       {"dtype": "bfloat16", "text_template": PAPER_TEXT_TEMPLATE, "show_progress": True}]
 
 
 def test_callback_in_a_trainer_with_a_peft_model(tmp_path, tiny_model, tiny_tokenizer, forget_rows, retain_rows):

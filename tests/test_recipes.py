@@ -8,6 +8,7 @@ import pytest
 
 from gnm_trainer.cli import _build_argparse_parser, apply_recipe, main
 from gnm_trainer.cli.unlearn import parse_arguments
+from gnm_trainer.gnm_config import PAPER_TEXT_TEMPLATE
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 UNLEARN_RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*", "config_*.yaml")))
@@ -36,9 +37,8 @@ def test_unlearn_recipes_parse_strictly(path):
         assert script_args.negatives_path
 
 
-PAPER_TEMPLATE = "{prompt} >> {completion} is the answer."
 # What the authors' run sets apart from the recommended recipe: their text, no clipping, torch AdamW's decay.
-PAPER_ONLY = {"text_template": PAPER_TEMPLATE, "max_grad_norm": 0.0, "weight_decay": 0.01}
+PAPER_ONLY = {"text_template": PAPER_TEXT_TEMPLATE, "max_grad_norm": 0.0, "weight_decay": 0.01}
 
 
 def _recipe(model: str, variant: str):

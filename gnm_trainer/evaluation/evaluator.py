@@ -166,7 +166,9 @@ def _examples(forget, retain, text_template: str | None = None) -> list[dict[str
     examples = []
     for split, source in (("forget", forget), ("retain", retain)):
         for row in load_unlearning_data(source, split=split):
-            prompt = row["prompt"] if text_template is None else render_prompt(row["prompt"], text_template, row["chat"])
+            prompt = row["prompt"]
+            if text_template is not None:
+                prompt = render_prompt(prompt, text_template, row["chat"])
             examples.append({"id": row["id"], "split": split, "task": row["task"], "prompt": prompt,
                              "reference": row["completion"]})
     return examples
