@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import losses
@@ -22,7 +23,7 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
-from .modeling import is_adalora, is_peft_model, save_merged
+from .modeling import adalora_checkpoint, is_adalora, is_peft_model, load_checkpoint_weights, save_merged
 from .reference import adapter_disabled, frozen_copy, prepare_reference_model, resolve_reference_mode
 
 logger = logging.get_logger(__name__)
@@ -441,6 +442,21 @@ class GNMTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")
+
+    def _save_checkpoint(self, model, trial):
+        """Checkpoints of an AdaLoRA model keep its untrimmed weights, rank pattern and importance scores (see
+        `gnm_trainer.modeling`): resume and rollback are exact."""
+        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with adalora_checkpoint(unwrapped, checkpoint_dir, self.args.should_save, not self.args.save_only_model):
+            super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        """Resume loads a PEFT model's trained adapter the way the collapse guard's rollback does."""
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if is_peft_model(unwrapped) and not self.is_fsdp_enabled:
+            return load_checkpoint_weights(unwrapped, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def write_manifest(self, output_dir: str) -> str:
         """Write `gnm_manifest.json`: versions, launch, seed, configuration hash, data fingerprints, negatives'
