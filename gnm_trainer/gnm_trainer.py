@@ -23,8 +23,15 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
-from .modeling import adalora_checkpoint, is_adalora, is_peft_model, load_checkpoint_weights, save_merged
-from .reference import adapter_disabled, frozen_copy, prepare_reference_model, resolve_reference_mode
+from .modeling import adalora_checkpoint, is_adalora, is_peft_model, load_checkpoint_weights, save_merged, train_adapter
+from .reference import (
+    add_reference_adapter,
+    frozen_copy,
+    prepare_reference_model,
+    reference_adapter_hidden,
+    reference_for,
+    resolve_reference_mode,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -134,12 +141,20 @@ class GNMTrainer(Trainer):
         if retain_rows is not None:
             warn_about_overlap(forget_rows, retain_rows)
 
-        # Reference strategy, decided before PEFT wraps the model so that a copy is of the base weights.
-        self.reference_mode = resolve_reference_mode(args.reference_model, args.loss_terms, peft_config is not None or is_peft_model(model))
+        # Reference strategy (the model as handed in), decided before PEFT wraps the model so that a copy is of the
+        # base weights; a PeftModel handed in keeps training its adapter, and a frozen copy of it is the reference.
+        adapter_handed_in = peft_config is None and is_peft_model(model)
+        self.reference_mode = resolve_reference_mode(
+            args.reference_model, args.loss_terms, peft_config is not None or adapter_handed_in, adapter_handed_in
+        )
         reference_copy = frozen_copy(model) if self.reference_mode == "copy" else None
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's initial weights are drawn here, before Trainer seeds anything
             model = self._wrap_peft(model, peft_config, args, len(forget_rows))
+        elif adapter_handed_in:
+            model = train_adapter(model)
+        if self.reference_mode == "reference_adapter":
+            add_reference_adapter(model)
 
         tokenize = dict(
             tokenizer=processing_class,
@@ -308,11 +323,9 @@ class GNMTrainer(Trainer):
     def _reference_forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not groups:
             return {}
-        with torch.no_grad():
-            if self.reference_mode == "adapter_disabled":
-                with adapter_disabled(model, self.accelerator.unwrap_model(model)) as base:
-                    return self._forward(base, groups)
-            return self._forward(self.ref_model, groups)
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), reference_for(self.reference_mode, model, unwrapped, self.ref_model) as reference:
+            return self._forward(reference, groups)
 
     def _negative_generator(self) -> torch.Generator:
         """Seeded by (seed, step, micro-batch, process): the random schedule is reproducible and resumable."""
@@ -442,6 +455,11 @@ class GNMTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Save the trained adapter only, never the frozen `reference` copy of a PeftModel handed in."""
+        with reference_adapter_hidden(self.accelerator.unwrap_model(self.model)):
+            super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial):
         """Checkpoints of an AdaLoRA model keep its untrimmed weights, rank pattern and importance scores (see

@@ -19,6 +19,9 @@ import glob
 import os
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 ADALORA_STATE_NAME = "adalora_state.pt"
 # The RankAllocator's importance scores: the last sensitivity, its moving average and its uncertainty, per matrix.
@@ -51,6 +54,18 @@ def save_merged(peft_model, tokenizer, output_dir: str) -> None:
     merged.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+
+
+def train_adapter(peft_model):
+    """Make the active adapter of a `PeftModel` handed in trainable: one loaded by `PeftModel.from_pretrained` without
+    `is_trainable=True` is frozen, and training it would fail (no parameter needs a gradient)."""
+    adapter = peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    if config.inference_mode:
+        logger.warning("The adapter %r was loaded for inference (frozen); it is made trainable to be unlearned.", adapter)
+        config.inference_mode = False
+    peft_model.set_requires_grad(adapter, requires_grad=True)
+    return peft_model
 
 
 # ---------------------------------------------------------------------------------------------------------------
