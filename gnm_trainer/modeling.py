@@ -138,14 +138,14 @@ def _untrimmed(model, weights: dict, rank_pattern: dict) -> dict:
     weights = dict(weights)
     for name, kept in rank_pattern.items():
         module = name.replace(f".{adapter}", "").rsplit(".", 1)[0]  # "<module>.lora_E[.<adapter>]" -> "<module>"
-        kept = torch.tensor(kept, dtype=torch.bool)
         for matrix in ("lora_E", "lora_A", "lora_B"):
             key = f"base_model.model.{module}.{matrix}"
             full = torch.zeros_like(parameters[f"{key}.{adapter}"])
+            mask = torch.tensor(kept, dtype=torch.bool, device=full.device)
             if matrix == "lora_B":
-                full[:, kept] = weights[key].to(full)
+                full[:, mask] = weights[key].to(full)
             else:
-                full[kept] = weights[key].to(full)
+                full[mask] = weights[key].to(full)
             weights[key] = full
     return weights
 
