@@ -44,7 +44,8 @@ class GNMConfig(TrainingArguments):
         reference_model (`str`, defaults to `"auto"`):
             How p_ref is obtained for `klr`, `klf` and `npo`: `adapter_disabled` (the PEFT model with its adapter
             disabled: no second copy of the weights), `copy` (a frozen copy of the initial model), `none`, or `auto`
-            (adapter-disabled under PEFT, a copy otherwise, none when no term needs it).
+            (adapter-disabled with a `peft_config`; for a `PeftModel` handed in, a frozen copy of its trained adapter
+            as a second adapter, `reference`; a copy otherwise; none when no term needs it).
 
     Parameters that control the data:
 

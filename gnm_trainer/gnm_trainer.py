@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import losses
@@ -22,8 +23,15 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
-from .modeling import is_adalora, is_peft_model, save_merged
-from .reference import adapter_disabled, frozen_copy, prepare_reference_model, resolve_reference_mode
+from .modeling import adalora_checkpoint, is_adalora, is_peft_model, load_checkpoint_weights, save_merged, train_adapter
+from .reference import (
+    add_reference_adapter,
+    frozen_copy,
+    prepare_reference_model,
+    reference_adapter_hidden,
+    reference_for,
+    resolve_reference_mode,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -133,12 +141,20 @@ class GNMTrainer(Trainer):
         if retain_rows is not None:
             warn_about_overlap(forget_rows, retain_rows)
 
-        # Reference strategy, decided before PEFT wraps the model so that a copy is of the base weights.
-        self.reference_mode = resolve_reference_mode(args.reference_model, args.loss_terms, peft_config is not None or is_peft_model(model))
+        # Reference strategy (the model as handed in), decided before PEFT wraps the model so that a copy is of the
+        # base weights; a PeftModel handed in keeps training its adapter, and a frozen copy of it is the reference.
+        adapter_handed_in = peft_config is None and is_peft_model(model)
+        self.reference_mode = resolve_reference_mode(
+            args.reference_model, args.loss_terms, peft_config is not None or adapter_handed_in, adapter_handed_in
+        )
         reference_copy = frozen_copy(model) if self.reference_mode == "copy" else None
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's initial weights are drawn here, before Trainer seeds anything
             model = self._wrap_peft(model, peft_config, args, len(forget_rows))
+        elif adapter_handed_in:
+            model = train_adapter(model)
+        if self.reference_mode == "reference_adapter":
+            add_reference_adapter(model)
 
         tokenize = dict(
             tokenizer=processing_class,
@@ -307,11 +323,9 @@ class GNMTrainer(Trainer):
     def _reference_forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not groups:
             return {}
-        with torch.no_grad():
-            if self.reference_mode == "adapter_disabled":
-                with adapter_disabled(model, self.accelerator.unwrap_model(model)) as base:
-                    return self._forward(base, groups)
-            return self._forward(self.ref_model, groups)
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), reference_for(self.reference_mode, model, unwrapped, self.ref_model) as reference:
+            return self._forward(reference, groups)
 
     def _negative_generator(self) -> torch.Generator:
         """Seeded by (seed, step, micro-batch, process): the random schedule is reproducible and resumable."""
@@ -441,6 +455,26 @@ class GNMTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Save the trained adapter only, never the frozen `reference` copy of a PeftModel handed in."""
+        with reference_adapter_hidden(self.accelerator.unwrap_model(self.model)):
+            super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial):
+        """Checkpoints of an AdaLoRA model keep its untrimmed weights, rank pattern and importance scores (see
+        `gnm_trainer.modeling`): resume and rollback are exact."""
+        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with adalora_checkpoint(unwrapped, checkpoint_dir, self.args.should_save, not self.args.save_only_model):
+            super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        """Resume loads a PEFT model's trained adapter the way the collapse guard's rollback does."""
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if is_peft_model(unwrapped) and not self.is_fsdp_enabled:
+            return load_checkpoint_weights(unwrapped, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def write_manifest(self, output_dir: str) -> str:
         """Write `gnm_manifest.json`: versions, launch, seed, configuration hash, data fingerprints, negatives'

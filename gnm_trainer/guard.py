@@ -14,8 +14,8 @@ memorised retain NLL from tripping on noise). On collapse the guard stops traini
 before the collapse, so that the final `save_model` writes the last good weights.
 """
 
-import glob
 import collections
+import glob
 import math
 import os
 import re
@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .errors import GNMInputError
-from .modeling import is_peft_model
+from .modeling import load_checkpoint_weights
 
 logger = logging.get_logger(__name__)
 
@@ -48,38 +48,6 @@ def checkpoints_before(output_dir: str, step: int) -> list[tuple[int, str]]:
         if match and os.path.isdir(path) and int(match.group(1)) < step:
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def load_checkpoint_weights(model, checkpoint_dir: str) -> None:
-    """Load the trainable weights saved in a Trainer checkpoint into `model`: the adapter of a PEFT model, or the
-    full weights (one `model.safetensors` or shards listed in `model.safetensors.index.json`)."""
-    from safetensors.torch import load_file
-
-
-    if is_peft_model(model):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(model, load_peft_weights(checkpoint_dir), adapter_name=model.active_adapter)
-        return
-    single = os.path.join(checkpoint_dir, "model.safetensors")
-    if os.path.isfile(single):
-        files = [single]
-    else:
-        files = sorted(glob.glob(os.path.join(checkpoint_dir, "model-*-of-*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint_dir}: no model.safetensors (or shards) to roll back to")
-    state_dict = {}
-    for path in files:
-        state_dict.update(load_file(path))
-    result = model.load_state_dict(state_dict, strict=False)
-    # safetensors drops tied copies (e.g. lm_head tied to the embedding); anything else missing is a real gap.
-    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
-    missing = [key for key in result.missing_keys if key not in tied]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"{checkpoint_dir}: weights do not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
-        )
 
 
 class CollapseGuard(TrainerCallback):

@@ -1,7 +1,12 @@
-"""The reference model p_ref (the model before unlearning) needed by `klr`, `klf` and `npo`.
+"""The reference model p_ref (the model before unlearning) needed by `klr`, `klf` and `npo`: the model as it was
+handed to the trainer.
 
-- Under PEFT the reference is the same model with its adapter disabled: exactly the base model's outputs and no
-  second copy of the weights.
+- A base model with a `peft_config`: the PEFT model with its new adapter disabled, which is exactly the base model
+  handed in, with no second copy of the weights.
+- A `PeftModel` handed in (an adapter trained before, e.g. by TRL's `SFTTrainer` with a `peft_config`): a frozen copy
+  of its adapter, added as a second adapter named `reference` (TRL's `ref_adapter_name`) and active only during the
+  reference forward pass; the user's adapter is the one trained and saved. Disabling the adapter would instead give
+  the model before that adapter's training.
 - Without PEFT it is a frozen copy of the initial model, in eval mode, prepared for the launch it runs in
   (`prepare_reference_model`): replicated under DDP, a DeepSpeed inference engine under DeepSpeed (sharded like the
   trained model under ZeRO-3, replicated at stage 0 under ZeRO-0/1/2), sharded per transformer layer under FSDP2.
@@ -27,13 +32,16 @@ _ZERO3_SIZES_FROM_HIDDEN = {
 _TRAINING_ONLY_KEYS = ("optimizer", "scheduler")
 
 
-def resolve_reference_mode(requested: str, loss_terms: list[str], is_peft: bool) -> str:
-    """The reference strategy actually used: "adapter_disabled", "copy" or "none"."""
+def resolve_reference_mode(requested: str, loss_terms: list[str], is_peft: bool, adapter_handed_in: bool = False) -> str:
+    """The reference strategy actually used: "reference_adapter" (a `PeftModel` handed in), "adapter_disabled" (a
+    `peft_config`), "copy" or "none"."""
     from .errors import GNMInputError
 
     if not TERMS_NEEDING_REFERENCE.intersection(loss_terms):
         return "none"
     if requested == "auto":
+        if adapter_handed_in:
+            return "reference_adapter"
         return "adapter_disabled" if is_peft else "copy"
     if requested == "adapter_disabled" and not is_peft:
         raise GNMInputError("reference_model: 'adapter_disabled' needs a PEFT model (pass peft_config)")
@@ -160,8 +168,10 @@ def _deepspeed_reference(accelerator, reference: torch.nn.Module) -> torch.nn.Mo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The adapter-disabled reference
+# The reference inside the PEFT model: adapter disabled, or the frozen copy of a trained adapter
 # ---------------------------------------------------------------------------------------------------------------
+
+REFERENCE_ADAPTER = "reference"
 
 
 @contextlib.contextmanager
@@ -174,3 +184,64 @@ def adapter_disabled(model: torch.nn.Module, peft_model):
             yield model
     finally:
         model.train(was_training)
+
+
+def add_reference_adapter(peft_model) -> None:
+    """Copy the active (trained) adapter of `peft_model` into a frozen adapter named `reference`, left inactive."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from .errors import GNMInputError
+
+    if REFERENCE_ADAPTER in peft_model.peft_config:
+        raise GNMInputError(
+            f"model: it already has an adapter named {REFERENCE_ADAPTER!r}, the name GNMTrainer gives the frozen copy "
+            "of the trained adapter; delete or rename it (or pass reference_model='copy')"
+        )
+    trained = peft_model.active_adapter
+    config = copy.deepcopy(peft_model.peft_config[trained])
+    config.inference_mode = True
+    peft_model.add_adapter(REFERENCE_ADAPTER, config)
+    weights = get_peft_model_state_dict(peft_model, adapter_name=trained)
+    set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
+    peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+
+
+@contextlib.contextmanager
+def reference_adapter_active(model: torch.nn.Module, peft_model):
+    """Run `model` (possibly wrapped by DDP) with the `reference` adapter in place of the trained one, in eval mode.
+
+    PEFT's `set_adapter` also sets `requires_grad`: frozen everywhere inside, the trained adapter alone trainable again
+    on the way out (the graph of the policy forward pass, built before, is unaffected).
+    """
+    trained, was_training = peft_model.active_adapter, model.training
+    model.eval()
+    peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield model
+    finally:
+        peft_model.set_adapter(trained)
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def reference_adapter_hidden(peft_model):
+    """Save only the trained adapter: the `reference` copy is left out of `peft_config` while the body runs (PEFT's
+    `save_pretrained` writes every adapter in it, the others in sub-folders)."""
+    configs = getattr(peft_model, "peft_config", None)
+    config = configs.pop(REFERENCE_ADAPTER, None) if isinstance(configs, dict) else None
+    try:
+        yield
+    finally:
+        if config is not None:
+            peft_model.peft_config[REFERENCE_ADAPTER] = config
+
+
+@contextlib.contextmanager
+def reference_for(mode: str, model: torch.nn.Module, peft_model, reference_copy: torch.nn.Module | None):
+    """The model that gives p_ref under `mode` (see `resolve_reference_mode`), for the body of the `with` block."""
+    if mode == "copy":
+        yield reference_copy
+        return
+    switch = reference_adapter_active if mode == "reference_adapter" else adapter_disabled
+    with switch(model, peft_model) as reference:
+        yield reference

@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import fact_rows
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from gnm_trainer import losses
 from gnm_trainer.errors import GNMInputError
 from gnm_trainer.gnm_config import GNMConfig
 from gnm_trainer.gnm_trainer import GNMTrainer
 from gnm_trainer.guard import CollapseGuard, checkpoints_before, collapse_threshold
+from gnm_trainer.target import build_tiny_llama
 
 
 def use_guard(trainer: GNMTrainer, guard: CollapseGuard) -> GNMTrainer:
@@ -154,11 +156,37 @@ def nan_after(monkeypatch, calls_before_nan: int) -> None:
     monkeypatch.setattr(losses, "completion_nll", nll_turning_nan)
 
 
-def test_rollback_restores_a_lora_adapter(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
-    from peft import LoraConfig, get_peft_model_state_dict
+class TrainedWeightsAtSave(TrainerCallback):
+    """Keeps a copy of the trained weights (and AdaLoRA's rank pattern) as they were at every checkpoint."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.saved[state.global_step] = (trained_weights(model), rank_pattern(model))
+
+
+def trained_weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rank_pattern(model):
+    return model.peft_config["default"].rank_pattern if hasattr(model, "peft_config") else None
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adalora"])
+def test_rollback_restores_the_trained_weights(method, tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    from peft import AdaLoraConfig, LoraConfig, PeftModel
 
     nan_after(monkeypatch, 6)  # forget + retain per step: NaN on the weights after 3 updates
-    guard = CollapseGuard()
+    common = dict(lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    peft_config = {
+        "full": None,
+        "lora": LoraConfig(r=4, **common),
+        # AdaLoRA prunes from the second step on: the checkpoint before the collapse has a rank pattern.
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, tinit=0, tfinal=5, deltaT=1, total_step=30, **common),
+    }[method]
+    guard, saves = CollapseGuard(), TrainedWeightsAtSave()
     trainer = GNMTrainer(
         tiny_model,
         GNMConfig(
@@ -169,17 +197,30 @@ def test_rollback_restores_a_lora_adapter(tiny_model, tiny_tokenizer, tmp_path, 
         train_dataset=fact_rows("forget", 0, 4),
         retain_dataset=fact_rows("retain", 4, 8),
         processing_class=tiny_tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+        peft_config=peft_config,
+        callbacks=[saves],
     )
     use_guard(trainer, guard)
     trainer.train()
     (event,) = guard.events
     good = os.path.join(trainer.args.output_dir, "checkpoint-2")
     assert event["step"] == 3 and event["action"] == f"rolled back to {good} (step 2)"
-    saved = load_file(os.path.join(good, "adapter_model.safetensors"))
-    current = get_peft_model_state_dict(trainer.model)
-    assert saved.keys() == current.keys()
-    assert all(torch.equal(current[name], tensor) for name, tensor in saved.items())
+    weights_at_checkpoint, pattern_at_checkpoint = saves.saved[2]
+    current = trained_weights(trainer.model)
+    assert current.keys() == weights_at_checkpoint.keys()
+    assert all(torch.equal(current[name], tensor) for name, tensor in weights_at_checkpoint.items())
+    assert rank_pattern(trainer.model) == pattern_at_checkpoint
+    if method == "adalora":
+        assert not all(all(kept) for kept in pattern_at_checkpoint.values())  # pruned before the checkpoint
+        assert pattern_at_checkpoint != saves.saved[3][1]  # and differently after it: the rollback restored it
+    if method != "full":  # the final adapter (PEFT's format, AdaLoRA trimmed) loads into the rolled-back model
+        trainer.save_model()
+        base = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+        loaded = PeftModel.from_pretrained(base, trainer.args.output_dir).eval()
+        input_ids = torch.tensor([tiny_tokenizer("Where was Borin Tal born?")["input_ids"]])
+        with torch.no_grad():
+            expected = trainer.model.eval()(input_ids=input_ids).logits
+            torch.testing.assert_close(loaded(input_ids=input_ids).logits, expected)
 
 
 def test_rollback_without_checkpoint_falls_back_to_stop(tiny_model, tiny_tokenizer, tmp_path):
@@ -236,3 +277,40 @@ def test_the_guard_is_on_by_default_with_the_configured_settings(tiny_model, tin
         processing_class=tiny_tokenizer,
     )
     assert off.collapse_guard is None
+
+
+def test_a_trimmed_adalora_folder_loads_into_the_untrimmed_adapter(tiny_model, tmp_path):
+    """PEFT's trimmed format (the final save; checkpoints written before the untrimmed ones) goes back in place:
+    the same outputs, the model's own parameters (an optimizer holds them), the pruned triplets zero."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    from gnm_trainer.guard import load_checkpoint_weights
+
+    config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"])
+    model = get_peft_model(tiny_model, config)
+    torch.manual_seed(0)
+    pattern = {}
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data.normal_()
+        if "lora_E" in name:
+            kept = torch.tensor([True, False, True, False])
+            parameter.data[~kept] = 0.0  # what AdaLoRA's masking leaves
+            pattern[name.removeprefix("base_model.model.")] = kept.tolist()
+    model.peft_config["default"].rank_pattern = pattern
+    model.save_pretrained(tmp_path / "trimmed")
+    input_ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=input_ids).logits
+    parameters = dict(model.named_parameters())
+    for name, parameter in parameters.items():
+        if "lora_" in name:
+            parameter.data.normal_()
+
+    load_checkpoint_weights(model, str(tmp_path / "trimmed"))
+    after = dict(model.named_parameters())
+    assert after.keys() == parameters.keys() and all(after[name] is parameters[name] for name in after)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected)
+    assert all(torch.all(p[[1, 3]] == 0) for n, p in parameters.items() if "lora_E" in n)
+    assert model.peft_config["default"].rank_pattern == {k.replace(".default", ""): v for k, v in pattern.items()}

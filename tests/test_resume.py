@@ -1,7 +1,9 @@
 """Reproducibility: an interrupted run resumed from its last checkpoint ends with the same weights as an
-uninterrupted one (gradual-negative schedule and per-epoch retain pairing included), and the same seed and
-configuration give the same result."""
+uninterrupted one (gradual-negative schedule and per-epoch retain pairing included), in full fine-tuning, with LoRA
+and with AdaLoRA (whose rank allocation prunes before and after the checkpoint), and the same seed and configuration
+give the same result."""
 
+import pytest
 import torch
 from conftest import fact_rows
 from transformers import TrainerCallback
@@ -25,7 +27,20 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def trainer_for(tokenizer, output_dir, callbacks=()):
+def peft_config_for(method):
+    """None (full fine-tuning), LoRA, or AdaLoRA pruning from rank 4 to 2 at every step from the second to the last
+    (its importance scores from before the checkpoint decide the pruning after it)."""
+    from peft import AdaLoraConfig, LoraConfig
+
+    common = dict(lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    if method == "lora":
+        return LoraConfig(r=4, **common)
+    if method == "adalora":
+        return AdaLoraConfig(init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=6, **common)
+    return None
+
+
+def trainer_for(tokenizer, output_dir, callbacks=(), method="full"):
     model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256, seed=3)
     args = GNMConfig(
         output_dir=str(output_dir),
@@ -44,7 +59,7 @@ def trainer_for(tokenizer, output_dir, callbacks=()):
     )
     return GNMTrainer(
         model, args, train_dataset=FORGET, retain_dataset=RETAIN, negative_dataset=NEGATIVES,
-        processing_class=tokenizer, callbacks=list(callbacks),
+        processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config_for(method),
     )
 
 
@@ -56,19 +71,30 @@ def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-def test_resumed_run_ends_with_the_same_weights(tiny_tokenizer, tmp_path):
-    straight = trainer_for(tiny_tokenizer, tmp_path / "straight")
+def rank_pattern(trainer):
+    return trainer.model.peft_config["default"].rank_pattern
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adalora"])
+def test_resumed_run_ends_with_the_same_weights(tiny_tokenizer, tmp_path, method):
+    straight = trainer_for(tiny_tokenizer, tmp_path / "straight", method=method)
     straight.train()
 
-    interrupted = trainer_for(tiny_tokenizer, tmp_path / "resumed", callbacks=[StopAt(3)])
+    interrupted = trainer_for(tiny_tokenizer, tmp_path / "resumed", callbacks=[StopAt(3)], method=method)
     interrupted.train()
     assert interrupted.state.global_step == 3
-    resumed = trainer_for(tiny_tokenizer, tmp_path / "resumed")
+    if method == "adalora":
+        pruned_at_checkpoint = rank_pattern(interrupted)
+        assert pruned_at_checkpoint and not all(all(kept) for kept in pruned_at_checkpoint.values())
+    resumed = trainer_for(tiny_tokenizer, tmp_path / "resumed", method=method)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
     assert resumed.state.global_step == 6
 
     expected, actual = weights(straight), weights(resumed)
+    assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    if method == "adalora":  # the allocation after the resume used the importance scores saved in the checkpoint
+        assert rank_pattern(resumed) == rank_pattern(straight) != pruned_at_checkpoint
     # The losses after the resume are the ones the uninterrupted run logged (same retain pairs, same levels).
     assert logged(resumed, "loss_rm")[-3:] == logged(straight, "loss_rm")[-3:]
     assert logged(resumed, "negative_level")[-3:] == logged(straight, "negative_level")[-3:] == [2.0, 3.0, 3.0]
