@@ -322,8 +322,8 @@ class GNMTrainer(Trainer):
         """`values` summed over all processes (one all-reduce, which every process must make); as is in one process."""
         if self.accelerator.num_processes == 1:
             return values
-        summed = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device), "sum")
-        return summed.tolist()
+        local = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(local, "sum").tolist()
 
     def _reference_forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not groups:
@@ -342,8 +342,8 @@ class GNMTrainer(Trainer):
         micro = last_micro + 1 if last_step == step else 0
         self._micro_step[mode] = (step, micro)
         stream = 0 if mode == "train" else 1
-        seed = np.random.SeedSequence([self.args.seed, step, micro, self.args.process_index, stream]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(seed))
+        entropy = [self.args.seed, step, micro, self.args.process_index, stream]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and, as `num_items_in_batch`, their number of forget examples
@@ -392,8 +392,8 @@ class GNMTrainer(Trainer):
         mask = lambda name: policy_groups[name]["completion_mask"]  # noqa: E731
         batch_size = inputs["forget_input_ids"].shape[0]
         nll = {  # per example: the K negatives of one example (schedule `all`) are averaged
-            name: losses.completion_nll(logits[name], policy_groups[name]["input_ids"], mask(name)).view(batch_size, -1).mean(-1)
-            for name in policy_groups
+            name: losses.completion_nll(logits[name], group["input_ids"], mask(name)).view(batch_size, -1).mean(-1)
+            for name, group in policy_groups.items()
         }
 
         per_example = {}
@@ -417,7 +417,8 @@ class GNMTrainer(Trainer):
             per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
         # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
         examples = self._examples_per_step(batch_size, num_items_in_batch)
-        loss = losses.combine_losses({name: v.sum() / examples for name, v in per_example.items()}, self.args.loss_weights)
+        step_shares = {name: values.sum() / examples for name, values in per_example.items()}
+        loss = losses.combine_losses(step_shares, self.args.loss_weights)
         terms = {name: v.mean() for name, v in per_example.items()}
 
         extra = {}
@@ -449,7 +450,8 @@ class GNMTrainer(Trainer):
         for name, total in zip(names, sums):
             self._metrics[mode][name].append((total, count))
         if mode == "train" and self.collapse_guard is not None:
-            self.collapse_guard.observe(self.state.global_step, {name: total / count for name, total in zip(names, sums)})
+            means = {name: total / count for name, total in zip(names, sums)}
+            self.collapse_guard.observe(self.state.global_step, means)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -189,6 +189,10 @@ def test_one_forward_pass_unless_padding_wastes_too_much():
     assert one_forward_pass("one", [(4, 10), (4, 100)])
     assert not one_forward_pass("per_group", [(4, 20), (4, 22)])
     assert one_forward_pass("per_group", [(4, 20)])
+    # With several processes `auto` decides on the counts of all of them: here another process's 800 tokens,
+    # padded alike either way, outweigh this process's 90 tokens of extra padding.
+    assert one_forward_pass("auto", [(1, 10), (1, 100)], lambda counts: [counts[0] + 800, counts[1] + 800])
+    assert not one_forward_pass("auto", [(1, 10), (1, 100)], lambda counts: counts)
 
 
 def test_lora_reference_is_the_untrained_base_without_a_copy(tiny_model, tiny_tokenizer, tmp_path):
