@@ -199,6 +199,7 @@ class GNMTrainer(Trainer):
             )
             callbacks.append(self.collapse_guard)
         if is_adalora(model):
+            check_adalora_is_supported()
             callbacks.append(AdaLoraAllocationCallback())
         super().__init__(
             model=model,
@@ -523,6 +524,18 @@ class GNMTrainer(Trainer):
         from .hub import push_trainer
 
         return push_trainer(self, commit_message, token, revision, private, **kwargs)
+
+
+def check_adalora_is_supported() -> None:
+    """AdaLoRA's orthogonality regulariser multiplies each adapter matrix by itself, which ZeRO-3 partitions: gathered
+    for the product (PEFT's way) the matrix is released again before the backward pass needs it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise GNMInputError(
+            "peft_config: AdaLoRA is not supported under DeepSpeed ZeRO-3 (its orthogonality regulariser needs the "
+            "whole adapter matrices); use ZeRO-2 or DDP, or LoRA under ZeRO-3"
+        )
 
 
 def warn_about_overlap(forget_rows, retain_rows) -> None:

@@ -243,6 +243,17 @@ def test_adalora_fills_total_step_allocates_ranks_and_regularises(tiny_model, ti
     assert kept_ranks and sum(kept_ranks) < 6 * len(kept_ranks)  # the budget pruned ranks below init_r
 
 
+def test_adalora_under_zero3_is_a_clear_error(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """ZeRO-3 partitions the matrices AdaLoRA's regulariser multiplies: an error at set-up, not an IndexError (or a
+    failed backward, with PEFT's gather) at step 1."""
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    peft = AdaLoraConfig(init_r=6, target_r=2, target_modules=["q_proj", "v_proj"], total_step=4)
+    with pytest.raises(GNMInputError, match="AdaLoRA is not supported under DeepSpeed ZeRO-3"):
+        make_trainer(tiny_model, tiny_tokenizer, tmp_path, peft=peft, loss_terms=["ga"])
+
+
 def test_saving_adapter_tokenizer_and_merged_weights(tiny_model, tiny_tokenizer, tmp_path):
     trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, peft=LoraConfig(**LORA), loss_terms=["ga", "klr"], learning_rate=5e-2)
     trainer.train()
