@@ -64,7 +64,9 @@ class GNMConfig(TrainingArguments):
             How the groups of sequences (forget, retain, random match, negatives) go through the model: `one` (all in
             one forward pass, padded to the longest), `per_group` (one pass per group, each padded to its own longest)
             or `auto` (one pass unless padding to the common length adds more than 25% tokens; then per group).
-            Measured in `benchmarks/forward_modes.py`: on CPU the cost follows the padded token count.
+            In a multi-process run `auto` decides on the token counts summed over all processes (one small
+            all-reduce per forward), so every process makes the same forward passes: DDP's and ZeRO-3's collectives
+            stay aligned. Measured in `benchmarks/forward_modes.py`: on CPU the cost follows the padded token count.
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
 
@@ -127,7 +129,11 @@ class GNMConfig(TrainingArguments):
     add_eos_token: bool = field(default=True, metadata={"help": "Append EOS to every completion."})
     forward_passes: str = field(
         default="auto",
-        metadata={"help": "Group sequences into one forward pass or one per group.", "choices": list(FORWARD_PASSES)},
+        metadata={
+            "help": "Group sequences into one forward pass or one per group; `auto` decides on the padded token "
+            "counts summed over all processes, so that every process makes the same passes.",
+            "choices": list(FORWARD_PASSES),
+        },
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
     # ---- guard ----

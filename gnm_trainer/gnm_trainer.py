@@ -39,11 +39,14 @@ GROUP_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
 
 def training_length(args: GNMConfig, num_examples: int) -> int:
-    """Optimizer steps that `Trainer.train` will run (its own formula), known before it starts."""
+    """Optimizer steps that `Trainer.train` will run, known before it starts: its own count (batches per process of
+    the sharded dataloader, `dataloader_drop_last` included, then micro-batches per optimizer step)."""
     if args.max_steps > 0:
         return args.max_steps
-    batches_per_epoch = math.ceil(num_examples / (args.per_device_train_batch_size * max(1, args.world_size)))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    round_batches = math.floor if args.dataloader_drop_last else math.ceil
+    batches = round_batches(num_examples / args.train_batch_size)
+    batches_per_process = round_batches(batches / max(1, args.world_size))  # accelerate's even batches
+    steps_per_epoch = max(1, math.ceil(batches_per_process / args.gradient_accumulation_steps))
     return math.ceil(args.num_train_epochs * steps_per_epoch)
 
 
@@ -51,14 +54,22 @@ def training_length(args: GNMConfig, num_examples: int) -> int:
 MAX_PADDING_OVERHEAD = 0.25
 
 
-def one_forward_pass(mode: str, shapes: list[tuple[int, int]]) -> bool:
-    """Whether groups of (rows, length) go through the model together (padded to the longest) or one by one."""
+def one_forward_pass(mode: str, shapes: list[tuple[int, int]], sum_over_processes=None) -> bool:
+    """Whether groups of (rows, length) go through the model together (padded to the longest) or one by one.
+
+    `auto` compares padded token counts. In a multi-process run, `sum_over_processes` (a function that sums a list of
+    numbers over all processes) makes it compare the counts of all processes together, so that every process decides
+    the same: the number of forward passes must be the same everywhere, or DDP's and ZeRO-3's collectives misalign
+    and the run hangs. It is called whenever the decision depends on the data, on every process alike.
+    """
     if len(shapes) == 1 or mode == "one":
         return True
     if mode == "per_group":
         return False
     padded_apart = sum(rows * length for rows, length in shapes)
     padded_together = sum(rows for rows, _ in shapes) * max(length for _, length in shapes)
+    if sum_over_processes is not None:
+        padded_apart, padded_together = sum_over_processes([padded_apart, padded_together])
     return padded_together <= (1 + MAX_PADDING_OVERHEAD) * padded_apart
 
 
@@ -101,8 +112,9 @@ class GNMTrainer(Trainer):
     """
 
     _tag_names = ["gnm", "unlearning"]
-    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # In training, compute_loss divides by the forget examples of the whole optimizer step (`get_batch_samples`):
+    # the Trainer must not divide it again by the number of micro-batches.
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -203,6 +215,7 @@ class GNMTrainer(Trainer):
             )
             callbacks.append(self.collapse_guard)
         if is_adalora(model):
+            check_adalora_is_supported()
             callbacks.append(AdaLoraAllocationCallback())
         super().__init__(
             model=model,
@@ -216,7 +229,8 @@ class GNMTrainer(Trainer):
         )
         self.ref_model = prepare_reference_model(self.accelerator, reference_copy)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._micro_step = (-1, 0)  # (global step, micro-batch index within it) for the random schedule's seed
+        # (global step, micro-batch index within it) per stream, for the random schedule's seed (see _negative_generator)
+        self._micro_step = {"train": (-1, 0), "eval": (-1, 0)}
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up
@@ -304,7 +318,8 @@ class GNMTrainer(Trainer):
         """Logits of every group, in one forward pass or one per group (see `GNMConfig.forward_passes`)."""
         if not groups:
             return {}
-        if not one_forward_pass(self.args.forward_passes, [g["input_ids"].shape for g in groups.values()]):
+        shapes = [g["input_ids"].shape for g in groups.values()]
+        if not one_forward_pass(self.args.forward_passes, shapes, self._sum_over_processes):
             return {
                 name: model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], use_cache=False).logits
                 for name, g in groups.items()
@@ -320,6 +335,13 @@ class GNMTrainer(Trainer):
             for (name, g), chunk in zip(groups.items(), torch.split(logits, sizes))
         }
 
+    def _sum_over_processes(self, values: list[float]) -> list[float]:
+        """`values` summed over all processes (one all-reduce, which every process must make); as is in one process."""
+        if self.accelerator.num_processes == 1:
+            return values
+        local = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(local, "sum").tolist()
+
     def _reference_forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not groups:
             return {}
@@ -327,13 +349,36 @@ class GNMTrainer(Trainer):
         with torch.no_grad(), reference_for(self.reference_mode, model, unwrapped, self.ref_model) as reference:
             return self._forward(reference, groups)
 
-    def _negative_generator(self) -> torch.Generator:
-        """Seeded by (seed, step, micro-batch, process): the random schedule is reproducible and resumable."""
+    def _negative_generator(self, mode: str) -> torch.Generator:
+        """Seeded by (seed, step, micro-batch, process), apart for training and evaluation: the random schedule is
+        reproducible and resumable, and an evaluation never changes the levels training picks."""
         step = self.state.global_step
-        micro = self._micro_step[1] + 1 if self._micro_step[0] == step else 0
-        self._micro_step = (step, micro)
-        seed = np.random.SeedSequence([self.args.seed, step, micro, self.args.process_index]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(seed))
+        last_step, last_micro = self._micro_step[mode]
+        micro = last_micro + 1 if last_step == step else 0
+        self._micro_step[mode] = (step, micro)
+        stream = 0 if mode == "train" else 1
+        entropy = [self.args.seed, step, micro, self.args.process_index, stream]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step and, as `num_items_in_batch`, their number of forget examples
+        (summed over processes with `average_tokens_across_devices`, as the Trainer does for tokens): `compute_loss`
+        divides by it, so every example of the step weighs the same however the step is split into micro-batches."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        num_examples = sum(len(batch["forget_input_ids"]) for batch in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_examples = int(self._sum_over_processes([num_examples])[0])
+        return batch_samples, num_examples
+
+    def _examples_per_step(self, batch_size: int, num_items_in_batch) -> float:
+        """What per-example losses are summed and divided by: this micro-batch's size outside training (a mean); in
+        training the forget examples of the whole optimizer step, per process when they were counted over all
+        processes (DDP and DeepSpeed average the gradients of the processes, the Trainer's own convention)."""
+        if num_items_in_batch is None:
+            return batch_size
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            return float(num_items_in_batch) / self.accelerator.num_processes
+        return float(num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms_enabled = set(self.args.loss_terms)
@@ -348,7 +393,8 @@ class GNMTrainer(Trainer):
         levels = None
         if "gnm" in terms_enabled:
             progress = self.state.global_step / max(1, self.state.max_steps)
-            generator = self._negative_generator() if self.args.negative_schedule == "random" else None
+            mode = "train" if model.training else "eval"
+            generator = self._negative_generator(mode) if self.args.negative_schedule == "random" else None
             policy_groups["negative"], levels = select_negatives(inputs, self.args.negative_schedule, progress, generator)
         reference_names = []
         if "klr" in terms_enabled:
@@ -359,63 +405,76 @@ class GNMTrainer(Trainer):
         logits = self._forward(model, policy_groups)
         reference_logits = self._reference_forward(model, {name: policy_groups[name] for name in reference_names})
         mask = lambda name: policy_groups[name]["completion_mask"]  # noqa: E731
-        nll = {
-            name: losses.completion_nll(logits[name], policy_groups[name]["input_ids"], mask(name))
-            for name in policy_groups
+        batch_size = inputs["forget_input_ids"].shape[0]
+        nll = {  # per example: the K negatives of one example (schedule `all`) are averaged
+            name: losses.completion_nll(logits[name], group["input_ids"], mask(name)).view(batch_size, -1).mean(-1)
+            for name, group in policy_groups.items()
         }
 
-        terms = {}
+        per_example = {}
         if "ga" in terms_enabled:
-            terms["ga"] = -nll["forget"].mean()
+            per_example["ga"] = -nll["forget"]
         if "gd" in terms_enabled:
-            terms["gd"] = nll["retain"].mean()
+            per_example["gd"] = nll["retain"]
         if "klr" in terms_enabled:
-            terms["klr"] = losses.completion_kl(logits["retain"], reference_logits["retain"], mask("retain")).mean()
+            per_example["klr"] = losses.completion_kl(logits["retain"], reference_logits["retain"], mask("retain"))
         if "klf" in terms_enabled:
             forget_kl = losses.completion_kl(logits["forget"], reference_logits["forget"], mask("forget"))
-            terms["klf"] = losses.capped_forget_kl(forget_kl, self.args.klf_cap).mean()
+            per_example["klf"] = losses.capped_forget_kl(forget_kl, self.args.klf_cap)
         if "rm" in terms_enabled:
-            terms["rm"] = nll["random_match"].mean()
+            per_example["rm"] = nll["random_match"]
         if "gnm" in terms_enabled:
-            terms["gnm"] = nll["negative"].mean()
+            per_example["gnm"] = nll["negative"]
         if "npo" in terms_enabled:
             ids = policy_groups["forget"]["input_ids"]
             policy_logprob = losses.completion_logprob_sum(logits["forget"], ids, mask("forget"))
             reference_logprob = losses.completion_logprob_sum(reference_logits["forget"], ids, mask("forget"))
-            terms["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta).mean()
-        loss = losses.combine_losses(terms, self.args.loss_weights)
+            per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
+        # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
+        examples = self._examples_per_step(batch_size, num_items_in_batch)
+        step_shares = {name: values.sum() / examples for name, values in per_example.items()}
+        loss = losses.combine_losses(step_shares, self.args.loss_weights)
+        terms = {name: v.mean() for name, v in per_example.items()}
 
         extra = {}
         if is_adalora(self.accelerator.unwrap_model(model)):
             unwrapped = self.accelerator.unwrap_model(model)
             orthogonality = losses.adalora_orthogonality(unwrapped, unwrapped.active_adapter)
             if orthogonality is not None:
-                loss = loss + unwrapped.peft_config[unwrapped.active_adapter].orth_reg_weight * orthogonality
+                # once per optimizer step: each micro-batch adds its share of the step's examples
+                weight = unwrapped.peft_config[unwrapped.active_adapter].orth_reg_weight * batch_size / examples
+                loss = loss + weight * orthogonality
                 extra["loss_orth"] = orthogonality
         if levels is not None:
-            extra["negative_level"] = levels.float().mean()
-        self._record_metrics(model, terms, nll, extra)
+            extra["negative_level"] = levels.float().view(batch_size, -1).mean(-1).mean()
+        self._record_metrics(model, terms, nll, extra, batch_size)
         return (loss, {"terms": terms}) if return_outputs else loss
 
-    def _record_metrics(self, model, terms, nll, extra) -> None:
-        """Store each term, the NLL of each group and extras for `log`, averaged over processes in one gather."""
+    def _record_metrics(self, model, terms, nll, extra, batch_size: int) -> None:
+        """Store each term, the NLL of each group and extras for `log` as (sum over examples, examples), summed over
+        processes in one gather: the logged values are per-example means over the logging window and all processes."""
         names = [f"loss_{term}" for term in terms] + [f"nll_{name}" for name in nll] + list(extra)
         values = [v.detach().float() for v in terms.values()]
         values += [v.detach().float().mean() for v in nll.values()]
         values += [v.detach().float() for v in extra.values()]
-        stacked = torch.stack(values)
+        stacked = torch.stack(values + [values[0].new_ones(())]) * batch_size
         if self.accelerator.num_processes > 1:
-            stacked = self.accelerator.gather(stacked[None]).mean(0)
+            stacked = self.accelerator.gather(stacked[None]).sum(0)
         mode = "train" if model.training else "eval"
-        values = stacked.tolist()  # averaged over processes: every rank's guard decides the same
-        for name, value in zip(names, values):
-            self._metrics[mode][name].append(value)
+        *sums, count = stacked.tolist()  # the same on every process: every rank's guard decides the same
+        for name, total in zip(names, sums):
+            self._metrics[mode][name].append((total, count))
         if mode == "train" and self.collapse_guard is not None:
-            self.collapse_guard.observe(self.state.global_step, dict(zip(names, values)))
+            means = {name: total / count for name, total in zip(names, sums)}
+            self.collapse_guard.observe(self.state.global_step, means)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        metrics = {
+            key: sum(total for total, _ in values) / sum(count for _, count in values)
+            for key, values in self._metrics[mode].items()
+            if values
+        }
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
@@ -499,6 +558,18 @@ class GNMTrainer(Trainer):
         from .hub import push_trainer
 
         return push_trainer(self, commit_message, token, revision, private, **kwargs)
+
+
+def check_adalora_is_supported() -> None:
+    """AdaLoRA's orthogonality regulariser multiplies each adapter matrix by itself, which ZeRO-3 partitions: gathered
+    for the product (PEFT's way) the matrix is released again before the backward pass needs it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise GNMInputError(
+            "peft_config: AdaLoRA is not supported under DeepSpeed ZeRO-3 (its orthogonality regulariser needs the "
+            "whole adapter matrices); use ZeRO-2 or DDP, or LoRA under ZeRO-3"
+        )
 
 
 def warn_about_overlap(forget_rows, retain_rows) -> None:

@@ -6,8 +6,8 @@ Conventions:
   token at t + 1, so every function shifts once.
 - Per-sequence values come back as (batch,) tensors: each is a mean over that sequence's completion tokens (so a long
   completion does not outweigh a short one), or a sum where the definition needs a sequence log-likelihood (NPO).
-- The trainer averages per-sequence values over the examples of a micro-batch. With equal micro-batch sizes this makes
-  gradient accumulation exactly equivalent to the larger batch.
+- In training, the trainer sums per-example values over a micro-batch and divides by the forget examples of the whole
+  optimizer step (all micro-batches, all processes): any split of the same examples gives the same update.
 """
 
 import torch

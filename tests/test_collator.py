@@ -162,3 +162,23 @@ def test_collator_needs_what_its_terms_need(tiny_tokenizer):
         GNMDataCollator(pad_token_id=0, max_length=8, use_retain=True)
     with pytest.raises(GNMInputError, match="negatives"):
         GNMDataCollator(pad_token_id=0, max_length=8, use_negatives=True)
+
+
+def test_a_chat_template_that_emits_bos_gives_one_bos(tiny_tokenizer, forget_rows):
+    """A conversational prompt is tokenised as its chat template rendered it (TRL's convention): no second BOS
+    when the template emits one, none added when it does not; a plain prompt still gets the tokenizer's BOS."""
+    import copy
+
+    bos_template = copy.deepcopy(tiny_tokenizer)
+    bos_template.chat_template = "{{ bos_token }}" + tiny_tokenizer.chat_template
+    rows = [{"id": "c0", "prompt": [{"role": "user", "content": "Where was Borin Tal born?"}],
+             "completion": [{"role": "assistant", "content": "In Quillport."}]}]  # fmt: skip
+    bos = tiny_tokenizer.bos_token_id
+    for tokenizer, expected_bos in ((bos_template, 1), (tiny_tokenizer, 0)):
+        data = load_unlearning_data(rows, "forget", tokenizer=tokenizer)
+        [example] = tokenize_examples(data, tokenizer, TEMPLATE, 64, None, True, "forget")
+        prompt_ids = example["prompt_input_ids"]
+        assert prompt_ids.count(bos) == expected_bos and prompt_ids[:expected_bos] == [bos] * expected_bos
+        assert prompt_ids == tokenizer(data[0]["prompt"], add_special_tokens=False)["input_ids"]
+    _, [plain] = tokenized(forget_rows[:1], tiny_tokenizer, "forget")
+    assert plain["prompt_input_ids"][0] == bos and plain["prompt_input_ids"].count(bos) == 1

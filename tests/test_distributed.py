@@ -20,6 +20,7 @@ TORCH_EXTENSIONS_DIR (default here: the pytest cache), which adds 0.5-2 minutes 
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -173,18 +174,37 @@ def error_lines(log: str) -> str:
     return "\n".join(keep[:40]) + "\n" + log[-2000:]
 
 
-def launch(workspace, env, launcher_flags: list[str], command: list[str]):
+def launch(workspace, env, launcher_flags: list[str], command: list[str], timeout: int = 480):
     """Run `command` (script arguments) under `accelerate launch` with 2 processes. One retry: the free port
-    accelerate picks can be taken by another job before gloo binds it (a real failure fails twice)."""
+    accelerate picks can be taken by another job before gloo binds it (a real failure fails twice). A launch still
+    running after `timeout` seconds (processes waiting in collectives that never line up) fails at once."""
     failures = []
     for _ in range(2):
         shutil.rmtree(command[0], ignore_errors=True)  # the report folder: no rank file left from a failed try
-        result = subprocess.run(LAUNCH + launcher_flags + [SCRIPT, *command], env=env, cwd=workspace,
-                                capture_output=True, text=True, timeout=480)  # fmt: skip
-        if result.returncode == 0:
+        returncode, log = run_process_group(LAUNCH + launcher_flags + [SCRIPT, *command], env, workspace, timeout)
+        if returncode == 0:
             return
-        failures.append(error_lines(result.stdout + result.stderr))
+        if returncode is None:
+            pytest.fail(f"the launch was still running after {timeout} s (a hang):\n{error_lines(log)}")
+        failures.append(error_lines(log))
     pytest.fail("\n---\n".join(failures))
+
+
+def run_process_group(command: list[str], env, cwd, timeout: int) -> tuple[int | None, str]:
+    """(return code, output) of `command`; (None, output so far) when it runs past `timeout`, after killing the
+    launcher and every process it started (the workers run in sessions of their own: found by parentage)."""
+    import psutil  # a dependency of accelerate
+
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(process.pid)
+        for child in [*launcher.children(recursive=True), launcher]:
+            child.kill()
+        output, _ = process.communicate()
+        return None, output
 
 
 def reports(report_dir) -> list[dict]:
@@ -290,6 +310,45 @@ def test_two_processes_train_like_one(workspace, launch_env, baselines, setting,
     assert steps[0]["loss_klr"] < 1e-6  # the reference equals the model at step 1: a faithful copy or base
     assert difference <= TOLERANCE
     assert weights <= WEIGHT_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranks with batches of very different lengths: every process makes the same collective calls
+# ---------------------------------------------------------------------------------------------------------------
+
+HANG_TIMEOUT = 240  # seconds; a launch takes 30-40 s on 2 busy cores, DeepSpeed's first JIT build up to 2 min more
+
+
+@pytest.fixture(scope="module")
+def uneven_workspace(tmp_path_factory, tiny_tokenizer):
+    """Forget rows alternating long (every fact in one completion, twice) and short. With sequential sampling and
+    batch 1 per process, process 0 always trains on a long row and process 1 on a short one, so the forget and
+    negative groups are far longer than the retain group on process 0 only (one pass per group there, `auto` on
+    its own counts) and all of similar length on process 1 (one pass). Deciding per process, DDP hung after step 1
+    and ZeRO-3 stopped on mismatched parameter gathers; ZeRO-2, whose forward makes no collective call, ran."""
+    root = tmp_path_factory.mktemp("uneven")
+    model = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    every_fact = " ".join(answer for _, answer in FACTS)
+    forget = fact_rows("forget", 0, 8)
+    for row in forget[::2]:
+        row["output"] = f"{every_fact} {every_fact}"
+    return write_workspace(root, model, tiny_tokenizer, forget, fact_rows("retain", 0, 8))
+
+
+@pytest.mark.parametrize(("setting", "peft"), [("ddp", True), ("zero2", False), ("zero3", False)],
+                         ids=["ddp-lora", "zero2-full", "zero3-full"])  # fmt: skip
+def test_ranks_with_batches_of_different_lengths_do_not_hang(uneven_workspace, launch_env, setting, peft):
+    if setting.startswith("zero"):
+        assert importlib.util.find_spec("deepspeed"), "DeepSpeed is needed: pip install -e '.[deepspeed]'"
+    run_dir, report_dir = uneven_workspace / f"uneven_{setting}", uneven_workspace / f"report_uneven_{setting}"
+    arguments = unlearn_arguments(uneven_workspace, run_dir, peft, batch_size=1)
+    arguments += ["--train_sampling_strategy", "sequential", "--forward_passes", "auto"]
+    launch(uneven_workspace, launch_env, SETTINGS[setting], [str(report_dir), "unlearn", *arguments],
+           timeout=HANG_TIMEOUT)  # fmt: skip
+
+    assert [(r["process_index"], r["num_processes"]) for r in reports(report_dir)] == [(0, 2), (1, 2)]
+    steps = logged_steps(run_dir)
+    assert len(steps) == 3 and all(math.isfinite(value) for step in steps for value in step.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,14 +44,15 @@ def config(tmp_path, **overrides):
     return GNMConfig(**values)
 
 
-def make_trainer(model, tokenizer, tmp_path, peft=None, **overrides):
-    forget, retain = fact_rows("forget", 0, 4), fact_rows("retain", 4, 8)
+def make_trainer(model, tokenizer, tmp_path, peft=None, num_forget=4, eval_dataset=None, **overrides):
+    forget, retain = fact_rows("forget", 0, num_forget), fact_rows("retain", 4, 8)
     return GNMTrainer(
         model,
         config(tmp_path, **overrides),
         train_dataset=forget,
         retain_dataset=retain,
         negative_dataset=negatives_for(forget),
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft,
     )
@@ -110,18 +111,23 @@ def test_loss_is_unchanged_by_extra_padding(tiny_model, tiny_tokenizer, tmp_path
         assert wide["terms"][term].item() == pytest.approx(plain["terms"][term].item(), abs=1e-5), term
 
 
-@pytest.mark.parametrize("forward_passes", ["one", "per_group"])
-def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, forward_passes):
-    """1×4, 2×2 and 4×1 micro-batches give the same parameters after one SGD step."""
+@pytest.mark.parametrize(
+    ("num_forget", "forward_passes"), [(4, "one"), (4, "per_group"), (3, "one")], ids=["4-one", "4-per_group", "3-one"]
+)
+def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, num_forget, forward_passes):
+    """One SGD step over the same N examples gives the same parameters however they are split into micro-batches:
+    1×4, 2×2 and 4×1 for 4 examples; 1×3, 2+1 and 3×1 for 3 (an uneven last micro-batch: each example still
+    weighs 1/3, not 1/2 for the lone one)."""
     from gnm_trainer.target import build_tiny_llama
 
     base = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
     results = []
-    for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
+    for batch_size, accumulation in [(num_forget, 1), (2, 2), (1, num_forget)]:
         trainer = make_trainer(
             copy.deepcopy(base),
             tiny_tokenizer,
             tmp_path,
+            num_forget=num_forget,
             loss_terms=["ga", "gd", "klr", "rm", "gnm"],
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
@@ -139,6 +145,42 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path
     assert torch.allclose(results[0], results[2], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_training_length_is_the_trainers_step_count(tiny_model, tiny_tokenizer, tmp_path, drop_last):
+    """4 examples in batches of 3 for 2 epochs: 2 batches per epoch (4 steps), or 1 when the last is dropped (2)."""
+    from gnm_trainer.gnm_trainer import training_length
+
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=["ga"], per_device_train_batch_size=3,
+                           max_steps=-1, num_train_epochs=2, dataloader_drop_last=drop_last)  # fmt: skip
+    predicted = training_length(trainer.args, len(trainer.train_dataset))
+    trainer.train()
+    assert predicted == trainer.state.max_steps == (2 if drop_last else 4)
+
+
+def test_evaluation_does_not_change_the_random_schedule(tiny_tokenizer, tmp_path):
+    """Periodic evaluation draws its own random levels: training picks the same levels and reaches the same weights
+    with and without it."""
+    from gnm_trainer.target import build_tiny_llama
+
+    base = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    runs = []
+    for evaluate in (False, True):
+        trainer = make_trainer(
+            copy.deepcopy(base), tiny_tokenizer, tmp_path, loss_terms=["ga", "gnm"], negative_schedule="random",
+            per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2,
+            eval_dataset=fact_rows("forget", 0, 4) if evaluate else None, eval_strategy="steps" if evaluate else "no",
+            eval_steps=1, per_device_eval_batch_size=2,
+        )  # fmt: skip
+        trainer.train()
+        logged = [(e["step"], e["negative_level"], e["loss_gnm"]) for e in trainer.state.log_history if "loss" in e]
+        evaluated = [e for e in trainer.state.log_history if "eval_negative_level" in e]
+        assert len(evaluated) == (4 if evaluate else 0)
+        runs.append((logged, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])))
+    (levels, weights), (levels_evaluated, weights_evaluated) = runs
+    assert len(levels) == 4 and levels == levels_evaluated
+    assert torch.equal(weights, weights_evaluated)
+
+
 def test_one_forward_pass_unless_padding_wastes_too_much():
     from gnm_trainer.gnm_trainer import one_forward_pass
 
@@ -147,6 +189,10 @@ def test_one_forward_pass_unless_padding_wastes_too_much():
     assert one_forward_pass("one", [(4, 10), (4, 100)])
     assert not one_forward_pass("per_group", [(4, 20), (4, 22)])
     assert one_forward_pass("per_group", [(4, 20)])
+    # With several processes `auto` decides on the counts of all of them: here another process's 800 tokens,
+    # padded alike either way, outweigh this process's 90 tokens of extra padding.
+    assert one_forward_pass("auto", [(1, 10), (1, 100)], lambda counts: [counts[0] + 800, counts[1] + 800])
+    assert not one_forward_pass("auto", [(1, 10), (1, 100)], lambda counts: counts)
 
 
 def test_lora_reference_is_the_untrained_base_without_a_copy(tiny_model, tiny_tokenizer, tmp_path):
@@ -195,6 +241,17 @@ def test_adalora_fills_total_step_allocates_ranks_and_regularises(tiny_model, ti
     assert all("loss_orth" in entry for entry in trainer.state.log_history if "loss" in entry)
     kept_ranks = [int((m.lora_E["default"] != 0).sum()) for m in trainer.model.modules() if hasattr(m, "lora_E")]
     assert kept_ranks and sum(kept_ranks) < 6 * len(kept_ranks)  # the budget pruned ranks below init_r
+
+
+def test_adalora_under_zero3_is_a_clear_error(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """ZeRO-3 partitions the matrices AdaLoRA's regulariser multiplies: an error at set-up, not an IndexError (or a
+    failed backward, with PEFT's gather) at step 1."""
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    peft = AdaLoraConfig(init_r=6, target_r=2, target_modules=["q_proj", "v_proj"], total_step=4)
+    with pytest.raises(GNMInputError, match="AdaLoRA is not supported under DeepSpeed ZeRO-3"):
+        make_trainer(tiny_model, tiny_tokenizer, tmp_path, peft=peft, loss_terms=["ga"])
 
 
 def test_saving_adapter_tokenizer_and_merged_weights(tiny_model, tiny_tokenizer, tmp_path):

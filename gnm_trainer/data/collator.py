@@ -42,9 +42,15 @@ def render_completion(completion: str, template: str, chat: bool) -> str:
     return completion if chat else split_template(template)[1].format(completion=completion)
 
 
-def tokenize_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt tokens, with the special tokens the tokenizer adds at the start (e.g. BOS)."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+def tokenize_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Prompt tokens, with the special tokens the tokenizer adds at the start (e.g. BOS) for plain text only.
+
+    A prompt rendered by a chat template already holds the template's special tokens (TRL tokenises conversations
+    without adding any), and a text that already starts with the BOS token must not get a second one.
+    """
+    bos_token = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = not chat and not (bos_token and text.startswith(bos_token))
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def tokenize_completion(tokenizer, text: str, add_eos_token: bool) -> list[int]:
@@ -92,7 +98,7 @@ def tokenize_examples(
     """
     examples, too_long = [], []
     for index, row in enumerate(rows):
-        prompt_ids = tokenize_prompt(tokenizer, render_prompt(row["prompt"], template, row["chat"]))
+        prompt_ids = tokenize_prompt(tokenizer, render_prompt(row["prompt"], template, row["chat"]), row["chat"])
         completion_ids = tokenize_completion(
             tokenizer, render_completion(row["completion"], template, row["chat"]), add_eos_token
         )
