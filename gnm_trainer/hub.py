@@ -266,8 +266,11 @@ def _card_metadata_options(card_options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_trainer_card(trainer, evaluation_results: Mapping[str, Any] | None = None, **card_options) -> None:
-    """`GNMTrainer.create_model_card`: write our card as `README.md` in the trainer's output folder."""
+def write_trainer_card(
+    trainer, evaluation_results: Mapping[str, Any] | None = None, output_dir: str | None = None, **card_options
+) -> None:
+    """`GNMTrainer.create_model_card`: write our card as `README.md` in `output_dir` (default: the trainer's output
+    folder), on the main process only. It is the card `push_trainer` uploads (same repository name and summary)."""
     if not trainer.is_world_process_zero():
         return
     model_name = card_options.get("model_name") or trainer_repo_id(trainer)
@@ -275,4 +278,4 @@ def write_trainer_card(trainer, evaluation_results: Mapping[str, Any] | None = N
         trainer, trainer.args.merge_adapters, model_name=model_name, **_card_metadata_options(card_options)
     )
     card = build_model_card(summary, evaluation_results)
-    atomic_write_text(os.path.join(trainer.args.output_dir, CARD_FILE), str(card))
+    atomic_write_text(os.path.join(output_dir or trainer.args.output_dir, CARD_FILE), str(card))
