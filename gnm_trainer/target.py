@@ -101,6 +101,8 @@ TARGET_INFO_FILE = "target_info.json"
 DATA_SUBDIR = "data"
 # Bump when the training recipe changes, so that older cached targets are rebuilt.
 TARGET_FORMAT_VERSION = 1
+# make_target's default budget: this many rounds of `epochs` epochs.
+DEFAULT_ROUNDS = 4
 LUME_SPLITS = ("forget_train", "retain_train", "forget_validation", "retain_validation")
 MIA_SPLITS = ("mia_member", "mia_nonmember")
 
@@ -123,7 +125,8 @@ class TargetConfig:
     num_layers: int = 4
     num_heads: int = 4
     vocab_size: int = 2048
-    epochs: int = 30
+    epochs: int = 30  # one round: a warm-up and cosine cycle from the peak rate down to 0
+    max_epochs: int = 120  # the budget: rounds follow one another until memorised or this many epochs ran
     learning_rate: float = 1e-3
     batch_size: int = 8
     max_length: int = 512
@@ -134,7 +137,9 @@ class TargetConfig:
     qa_exact_match_threshold: float = 0.9
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_layers", "num_heads", "vocab_size", "epochs", "batch_size", "max_length"):
+        for name in (
+            "hidden_size", "num_layers", "num_heads", "vocab_size", "epochs", "max_epochs", "batch_size", "max_length"
+        ):
             if getattr(self, name) < 1:
                 raise GNMInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
@@ -293,7 +298,9 @@ def select_documents(
 
 def data_fingerprint(dataset: dict[str, list[dict]], config: TargetConfig) -> str:
     """A hash of the rows and the training configuration: equal fingerprints mean an identical target."""
-    payload = {"format": TARGET_FORMAT_VERSION, "data": dataset, "config": asdict(config)}
+    # Not the budget: rounds are deterministic, so a memorised target does not depend on how many more were allowed.
+    settings = {name: value for name, value in asdict(config).items() if name != "max_epochs"}
+    payload = {"format": TARGET_FORMAT_VERSION, "data": dataset, "config": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -438,7 +445,11 @@ def warmup_cosine(step: int, total_steps: int, warmup_fraction: float = 0.05) ->
 
 def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progress: bool = True) -> dict:
     """Fine-tune `model` with AdamW on the full-sequence causal LM loss until greedy reproduction of the train rows
-    of both splits passes the thresholds, or `config.epochs` epochs; returns the training history."""
+    of both splits passes the thresholds; returns the training history (`memorised` says whether it did).
+
+    Training runs in rounds of `config.epochs` epochs, each a warm-up and cosine decay from the peak rate (a warm
+    restart), with a greedy check whenever the teacher-forced proxy passes and at the end of every round, until
+    the target is memorised or `config.max_epochs` epochs have run."""
     import torch
     from tqdm.auto import tqdm
 
@@ -446,12 +457,14 @@ def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progr
     lengths = [len(example.input_ids) for example in examples]
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    total_steps = config.epochs * math.ceil(len(examples) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps))
+    round_steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step % round_steps, round_steps)
+    )
     device = model.device
     history: dict = {"epoch_loss": [], "greedy_checks": []}
     report: dict = {}
-    bar = tqdm(range(1, config.epochs + 1), desc="make-target", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, config.max_epochs + 1), desc="make-target", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         fractions = [0.0] * len(examples)
@@ -482,7 +495,8 @@ def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progr
             proxy["qa"],
         )
         proxy_passes = proxy["sc"] >= config.sc_rouge_threshold and proxy["qa"] >= config.qa_exact_match_threshold
-        if proxy_passes or epoch == config.epochs:
+        end_of_round = epoch % config.epochs == 0 or epoch == config.max_epochs
+        if proxy_passes or end_of_round:
             report = memorisation_report(model, tokenizer, dataset)
             history["greedy_checks"].append({"epoch": epoch, **_flat(report)})
             if is_memorised(report, config):
@@ -499,6 +513,26 @@ def _flat(report: dict[str, dict]) -> dict[str, float]:
 
 
 # --- make_target -----------------------------------------------------------------------------------------------
+
+
+class TargetNotMemorisedError(GNMInputError):
+    """`make_target` spent its budget (`max_epochs`) without reaching the memorisation bar; nothing was written.
+
+    `figures` holds one line per split: the greedy scores reached against the bar."""
+
+    def __init__(self, history: dict, config: TargetConfig, output_dir: str):
+        self.history, self.config = history, config
+        self.figures = [
+            f"{split}: sc ROUGE-L recall {scores['sc_rougeL_recall']:.3f} (bar {config.sc_rouge_threshold}), "
+            f"QA exact match {scores['qa_exact_match']:.3f} (bar {config.qa_exact_match_threshold})"
+            for split, scores in history["memorisation"].items()
+        ]
+        super().__init__(
+            f"{output_dir}: not memorised after {history['epochs']} epochs (max_epochs {config.max_epochs}, rounds "
+            f"of {config.epochs} at peak learning rate {config.learning_rate}); nothing written. Raise max_epochs, "
+            f"the learning rate or the model size. {'; '.join(self.figures)}"
+        )
+
 
 
 def _describe_source(data) -> str:
@@ -535,13 +569,18 @@ def make_target(
     force: bool = False,
     progress: bool = True,
     device: str | None = None,
+    max_epochs: int | None = None,
+    require_memorised: bool = True,
 ) -> str:
     """Train a tiny Llama that memorises a LUME-format dataset: the target model to unlearn. Returns its folder.
 
     The tokenizer is trained on every text of the data; the model is fine-tuned with AdamW on the causal LM loss of
     `input + " " + output` + eos for every train row of both splits, and on the MIA member documents when there
     are any, until greedy reproduction reaches the thresholds (ROUGE-L recall >= 0.95 on sc rows, exact match
-    >= 0.9 on QA rows, forget and retain train) or `epochs` epochs pass.
+    >= 0.9 on QA rows, forget and retain train): in rounds of `epochs` epochs (each a cosine cycle from
+    `learning_rate`), within a budget of `max_epochs` epochs (default: 4 rounds). A target that does not reach the
+    bar raises `TargetNotMemorisedError` (with the figures) and writes nothing, unless `require_memorised=False`
+    (then it is written with `"memorised": false` in its `target_info.json`).
 
     `output_dir` then holds the model and tokenizer (`from_pretrained`-loadable), `data/` (the rows it was trained
     on, a LUME folder) and `target_info.json` (fingerprint, configuration, epochs, memorisation, wall time). When
@@ -566,6 +605,7 @@ def make_target(
         num_heads=num_heads,
         vocab_size=vocab_size,
         epochs=epochs,
+        max_epochs=max_epochs if max_epochs is not None else DEFAULT_ROUNDS * epochs,
         learning_rate=learning_rate,
         batch_size=batch_size,
         max_length=max_length,
@@ -577,7 +617,8 @@ def make_target(
     dataset = select_documents(load_target_data(data, seed), max_documents_per_split, config.tasks, seed)
     fingerprint = data_fingerprint(dataset, config)
     info = read_target_info(output_dir)
-    if info is not None and info.get("fingerprint") == fingerprint and not force:
+    reusable = info is not None and (info.get("memorised") or not require_memorised)
+    if reusable and info.get("fingerprint") == fingerprint and not force:
         logger.info("make-target: %s already holds this target (fingerprint %s)", output_dir, fingerprint[:12])
         return output_dir
     if info is None and os.path.isdir(output_dir) and os.listdir(output_dir) and not force:
@@ -596,10 +637,14 @@ def make_target(
     history = train_until_memorised(model, tokenizer, dataset, config, progress)
     model.to("cpu")
     if not history["memorised"]:
+        error = TargetNotMemorisedError(history, config, output_dir)
+        if require_memorised:
+            raise error
         logger.warning(
-            "make-target: not memorised after %d epochs (%s); raise epochs or the model size",
+            "make-target: not memorised after %d epochs (%s); written anyway (require_memorised=False), marked "
+            "memorised: false",
             history["epochs"],
-            _flat(history["memorisation"]),
+            "; ".join(error.figures),
         )
     with atomic_directory(output_dir) as building:
         model.save_pretrained(building)

@@ -18,7 +18,7 @@ PEFT_FIELDS = (
 TRAINING_FIELDS = (
     "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "logging_steps", "save_strategy", "save_steps",
-    "eval_strategy", "seed", "bf16", "gradient_checkpointing", "report_to", "push_to_hub", "hub_model_id",
+    "eval_strategy", "seed", "bf16", "activation_checkpointing", "report_to", "push_to_hub", "hub_model_id",
 )
 
 
