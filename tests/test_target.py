@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gnm_trainer import target as target_module
+from gnm_trainer.target import build as target_build  # make_target looks its helpers up here
 from gnm_trainer.evaluation import generation as generation_module
 from gnm_trainer.cli import main as gnm_main
 from gnm_trainer.data import load_unlearning_data
@@ -67,7 +68,7 @@ def test_target_folder_loads_and_describes_itself(tiny_target):
 
 
 def test_same_data_and_settings_hit_the_cache(tiny_target, monkeypatch):
-    monkeypatch.setattr(target_module, "train_until_memorised", refuse_training)
+    monkeypatch.setattr(target_build, "train_until_memorised", refuse_training)
     before = os.stat(os.path.join(tiny_target, TARGET_INFO_FILE)).st_mtime_ns
     assert make_target(output_dir=tiny_target, **TINY) == tiny_target
     assert os.stat(os.path.join(tiny_target, TARGET_INFO_FILE)).st_mtime_ns == before
@@ -87,7 +88,7 @@ def test_failed_rebuild_leaves_the_old_target_whole(tiny_target, monkeypatch):
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(target_module, "write_lume_folder", broken_write)
+    monkeypatch.setattr(target_build, "write_lume_folder", broken_write)
     with pytest.raises(RuntimeError):
         make_target(output_dir=tiny_target, force=True, **TINY)
     assert read_target_info(tiny_target) == info
@@ -95,7 +96,7 @@ def test_failed_rebuild_leaves_the_old_target_whole(tiny_target, monkeypatch):
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_target(tmp_path, monkeypatch):
-    monkeypatch.setattr(target_module, "train_until_memorised", refuse_training)
+    monkeypatch.setattr(target_build, "train_until_memorised", refuse_training)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(GNMInputError, match="not a target"):
         make_target(output_dir=str(tmp_path), **TINY)
