@@ -2,7 +2,8 @@
 
 `push_to_hub` stages exactly what will be uploaded in a temporary folder (the adapter, or merged full weights, and
 the tokenizer, plus `README.md`, the card of `model_card.py`), then creates the repository and uploads the folder
-with `huggingface_hub.HfApi`. `GNMTrainer.push_to_hub` (used by `gnm unlearn --push_to_hub`) goes through here.
+with `huggingface_hub.HfApi`. `GNMTrainer.push_to_hub` (used by `gnm unlearn --push_to_hub`) goes through here, and
+`GNMTrainer.save_model` writes the same card into the saved folder (`write_trainer_card`).
 
 The token goes to `HfApi` and nowhere else: it is never logged nor written, the training state files (the pickled
 `training_args.bin` holds `hub_token`) are never uploaded, the staged files are checked for it before anything is

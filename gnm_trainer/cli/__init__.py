@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-V", "--version"):
         print(version_text())
         return 0
-    if unknown_command_message(argv[0]):
-        print(unknown_command_message(argv[0]), file=sys.stderr)
+    unknown = unknown_command_message(argv[0])
+    if unknown:
+        print(unknown, file=sys.stderr)
         return 2
     quiet_unfixable_warnings()
     try:

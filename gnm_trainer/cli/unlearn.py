@@ -74,14 +74,14 @@ def make_parser(help_all: bool = False):
 
 
 def parse_arguments(argv: list[str]):
-    """Parse flags and `--config`; YAML and flags are strict (unknown keys are errors)."""
+    """Parse flags and `--config`; YAML and flags are strict (unknown keys are errors), and a `--report_to`
+    integration that is not installed is named before anything loads."""
     from .options import read_recipe, recipe_path
+    from .reporting import check_reporting_integrations
 
     path = recipe_path(argv)
     if path is not None:
         read_recipe(path)  # a clear error for a missing file, bad YAML or one key spelled two ways, before TRL reads it
-    from .reporting import check_reporting_integrations
-
     parser = make_parser()
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
