@@ -128,3 +128,20 @@ def test_no_pinned_memory_without_an_accelerator():
     from gnm_trainer.gnm_config import GNMConfig, accelerator_available
 
     assert GNMConfig(output_dir="unused", report_to="none").dataloader_pin_memory == accelerator_available()
+
+
+def test_a_gnm_unlearn_run_prints_no_pin_memory_or_deprecation_warning(tmp_path, tiny_model, tiny_tokenizer):
+    import warnings
+
+    from conftest import fact_rows, write_workspace
+
+    write_workspace(tmp_path, tiny_model, tiny_tokenizer, fact_rows("forget", 0, 4), fact_rows("retain", 4, 8))
+    argv = ["unlearn", "--model_name_or_path", str(tmp_path / "target"), "--data_dir", str(tmp_path / "data"),
+            "--negatives_path", str(tmp_path / "negatives.jsonl"), "--use_peft", "--lora_r", "4",
+            "--lora_target_modules", "all-linear", "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    messages = [f"{warning.category.__name__}: {warning.message}" for warning in caught]
+    assert not [message for message in messages if "pin_memory" in message or "deprecated" in message], messages

@@ -15,6 +15,8 @@ from gnm_trainer.data.synthetic import make_synthetic_lume, write_synthetic_lume
 from gnm_trainer.errors import GNMInputError
 from gnm_trainer.target import (
     TARGET_INFO_FILE,
+    TargetConfig,
+    data_fingerprint,
     TrainingExample,
     document_key,
     make_target,
@@ -93,6 +95,14 @@ def test_failed_rebuild_leaves_the_old_target_whole(tiny_target, monkeypatch):
         make_target(output_dir=tiny_target, force=True, **TINY)
     assert read_target_info(tiny_target) == info
     assert not [name for name in os.listdir(os.path.dirname(tiny_target)) if name.startswith(".")]
+
+
+def test_the_budget_is_not_part_of_the_fingerprint():
+    """Rounds are deterministic: a target memorised within one budget is the same target under a larger one."""
+    data = select_documents(target_module.load_target_data(make_synthetic_lume(seed=0)), 2, None, seed=0)
+    small, large = TargetConfig(epochs=10, max_epochs=10), TargetConfig(epochs=10, max_epochs=400)
+    assert data_fingerprint(data, small) == data_fingerprint(data, large)
+    assert data_fingerprint(data, small) != data_fingerprint(data, TargetConfig(epochs=11, max_epochs=10))
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_target(tmp_path, monkeypatch):
