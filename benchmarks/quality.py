@@ -110,8 +110,8 @@ PRESETS = {
     ),
     "smoke": Preset(
         documents={"train": {"Task1": 1, "Task2": 2, "Task3": 1}, "validation": {"Task1": 0, "Task2": 1, "Task3": 0}},
-        target={"hidden_size": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 512, "epochs": 3,
-                "include_validation": True},
+        target={"hidden_size": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 512, "epochs": 3, "max_epochs": 3,
+                "include_validation": True, "require_memorised": False},  # a smoke target memorises nothing
         max_steps=4, eval_every=2, batch_size=4, seeds=(0, 1), curve_seeds=(0, 1), negative_levels=2, max_new_tokens=16,
         mia_nonmembers=4, heldout_documents=4, tuning_grid=GNM_GRID[:2], tuning_steps=2,
         methods=("GA", "GNM (paper)", "GNM (paper, LLM negatives)", "GNM (tuned on validation)"),

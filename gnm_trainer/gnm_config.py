@@ -19,6 +19,14 @@ DEFAULT_TEXT_TEMPLATE = "{prompt} {completion}"
 PAPER_TEXT_TEMPLATE = "{prompt} >> {completion} is the answer."
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU (or another accelerator): pinned memory only speeds up copies to one."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class GNMConfig(TrainingArguments):
     r"""
@@ -98,13 +106,13 @@ class GNMConfig(TrainingArguments):
         default_factory=lambda: list(PAPER_LOSS_TERMS),
         metadata={"help": f"Loss terms, among {', '.join(LOSS_TERMS)}. The paper's recipe is ga, klr, gnm."},
     )
-    ga_weight: float | None = field(default=None, metadata={"help": "Weight of `ga` (default 0.5)."})
-    gd_weight: float | None = field(default=None, metadata={"help": "Weight of `gd` (default 5)."})
-    klr_weight: float | None = field(default=None, metadata={"help": "Weight of `klr` (default 5)."})
-    klf_weight: float | None = field(default=None, metadata={"help": "Weight of `klf` (default 1)."})
-    rm_weight: float | None = field(default=None, metadata={"help": "Weight of `rm` (default 1)."})
-    gnm_weight: float | None = field(default=None, metadata={"help": "Weight of `gnm` (default 0.04)."})
-    npo_weight: float | None = field(default=None, metadata={"help": "Weight of `npo` (default 1)."})
+    ga_weight: float | None = field(default=None, metadata={"help": "Weight of `ga`; None: the paper's 0.5."})
+    gd_weight: float | None = field(default=None, metadata={"help": "Weight of `gd`; None: the paper's 5."})
+    klr_weight: float | None = field(default=None, metadata={"help": "Weight of `klr`; None: the paper's 5."})
+    klf_weight: float | None = field(default=None, metadata={"help": "Weight of `klf`; None: the paper's 1."})
+    rm_weight: float | None = field(default=None, metadata={"help": "Weight of `rm`; None: the paper's 1."})
+    gnm_weight: float | None = field(default=None, metadata={"help": "Weight of `gnm`; None: the paper's 0.04."})
+    npo_weight: float | None = field(default=None, metadata={"help": "Weight of `npo`; None: the paper's 1."})
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
     klf_cap: float | None = field(
         default=5.0, metadata={"help": "Cap of the forget KL per sequence (nats); None for no cap."}
@@ -166,6 +174,10 @@ class GNMConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the tokenised columns."}
+    )
+    dataloader_pin_memory: bool = field(
+        default_factory=accelerator_available,
+        metadata={"help": "Pin memory in data loaders; off by default without a GPU (pinning there only warns)."},
     )
 
     def __post_init__(self):

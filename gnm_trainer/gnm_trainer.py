@@ -494,7 +494,8 @@ class GNMTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the adapter (PEFT) or the full model, plus the tokenizer; merged full weights with `merge_adapters`.
 
-        A final save (not a checkpoint) also writes the run's manifest (`gnm_manifest.json`).
+        A final save (not a checkpoint) also writes the run's manifest (`gnm_manifest.json`) and our model card
+        (`README.md`, the card a push uploads) in place of PEFT's empty template.
         """
         from .distributed import save_full_weights, saves_sharded_only
 
@@ -508,9 +509,10 @@ class GNMTrainer(Trainer):
             # FSDP with a sharded state dict would leave no loadable weights in the output folder.
             save_full_weights(self, output_dir)
         elif not (self.args.merge_adapters and is_peft_model(unwrapped)):
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call=True)  # internal: the push (if any) comes after the card
         elif self.args.should_save:
             save_merged(unwrapped, self.processing_class, output_dir)
+        self.create_model_card(output_dir=output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")
@@ -546,11 +548,12 @@ class GNMTrainer(Trainer):
     # Hub: our model card and upload (the logic lives in model_card.py and hub.py)
     # ------------------------------------------------------------------------------------------------------------
 
-    def create_model_card(self, evaluation_results=None, **card_options) -> None:
-        """Write the GNM model card (`gnm_trainer.model_card`) as `README.md` in `output_dir`."""
+    def create_model_card(self, evaluation_results=None, output_dir: str | None = None, **card_options) -> None:
+        """Write the GNM model card (`gnm_trainer.model_card`) as `README.md` in `output_dir` (default:
+        `args.output_dir`), on the main process only."""
         from .hub import write_trainer_card
 
-        write_trainer_card(self, evaluation_results, **card_options)
+        write_trainer_card(self, evaluation_results, output_dir=output_dir, **card_options)
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs):
         """Upload the adapter (merged weights with `merge_adapters`), the tokenizer and the GNM card with

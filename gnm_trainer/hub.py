@@ -2,7 +2,8 @@
 
 `push_to_hub` stages exactly what will be uploaded in a temporary folder (the adapter, or merged full weights, and
 the tokenizer, plus `README.md`, the card of `model_card.py`), then creates the repository and uploads the folder
-with `huggingface_hub.HfApi`. `GNMTrainer.push_to_hub` (used by `gnm unlearn --push_to_hub`) goes through here.
+with `huggingface_hub.HfApi`. `GNMTrainer.push_to_hub` (used by `gnm unlearn --push_to_hub`) goes through here, and
+`GNMTrainer.save_model` writes the same card into the saved folder (`write_trainer_card`).
 
 The token goes to `HfApi` and nowhere else: it is never logged nor written, the training state files (the pickled
 `training_args.bin` holds `hub_token`) are never uploaded, the staged files are checked for it before anything is
@@ -266,8 +267,11 @@ def _card_metadata_options(card_options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_trainer_card(trainer, evaluation_results: Mapping[str, Any] | None = None, **card_options) -> None:
-    """`GNMTrainer.create_model_card`: write our card as `README.md` in the trainer's output folder."""
+def write_trainer_card(
+    trainer, evaluation_results: Mapping[str, Any] | None = None, output_dir: str | None = None, **card_options
+) -> None:
+    """`GNMTrainer.create_model_card`: write our card as `README.md` in `output_dir` (default: the trainer's output
+    folder), on the main process only. It is the card `push_trainer` uploads (same repository name and summary)."""
     if not trainer.is_world_process_zero():
         return
     model_name = card_options.get("model_name") or trainer_repo_id(trainer)
@@ -275,4 +279,4 @@ def write_trainer_card(trainer, evaluation_results: Mapping[str, Any] | None = N
         trainer, trainer.args.merge_adapters, model_name=model_name, **_card_metadata_options(card_options)
     )
     card = build_model_card(summary, evaluation_results)
-    atomic_write_text(os.path.join(trainer.args.output_dir, CARD_FILE), str(card))
+    atomic_write_text(os.path.join(output_dir or trainer.args.output_dir, CARD_FILE), str(card))

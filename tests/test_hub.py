@@ -287,3 +287,17 @@ def test_gnm_unlearn_push_to_hub_uploads_our_card(fake_hub, tiny_model, tiny_tok
                     assert TOKEN.encode() not in handle.read(), name
     captured = capsys.readouterr()
     assert TOKEN not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("merge_adapters", [False, True])
+def test_final_save_writes_our_card_not_peft_template(tiny_tokenizer, tmp_path, merge_adapters):
+    trainer = trained_trainer(tiny_tokenizer, tmp_path, merge_adapters=merge_adapters, save_strategy="steps",
+                              save_steps=2)
+    trainer.save_model()
+
+    card = read_card(trainer.args.output_dir)
+    assert card.data.base_model == BASE_ID and card.data.to_dict()["gnm"]["recipe"]["gnm_weight"] == 0.04
+    assert card.data.library_name == ("transformers" if merge_adapters else "peft")
+    assert "| `ga` |" in card.text and "| `klr` |" in card.text and "| `gnm` |" in card.text
+    checkpoint_card = os.path.join(trainer.args.output_dir, "checkpoint-2", "README.md")
+    assert not os.path.exists(checkpoint_card) or "gnm" not in read_card(os.path.dirname(checkpoint_card)).data.to_dict()

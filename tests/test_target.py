@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gnm_trainer import target as target_module
+from gnm_trainer.target import build as target_build  # make_target looks its helpers up here
 from gnm_trainer.evaluation import generation as generation_module
 from gnm_trainer.cli import main as gnm_main
 from gnm_trainer.data import load_unlearning_data
@@ -14,6 +15,8 @@ from gnm_trainer.data.synthetic import make_synthetic_lume, write_synthetic_lume
 from gnm_trainer.errors import GNMInputError
 from gnm_trainer.target import (
     TARGET_INFO_FILE,
+    TargetConfig,
+    data_fingerprint,
     TrainingExample,
     document_key,
     make_target,
@@ -25,9 +28,11 @@ from gnm_trainer.target import (
 )
 
 LUME_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "lume")
-# A target small enough to train in a couple of seconds; it is not expected to memorise.
+# A target small enough to train in a couple of seconds; it is not expected to memorise, so it is written marked
+# `memorised: false` (require_memorised=False) for the tests of the folder itself.
 TINY = dict(
-    max_documents_per_split=3, hidden_size=32, num_layers=1, num_heads=2, vocab_size=300, epochs=2, progress=False
+    max_documents_per_split=3, hidden_size=32, num_layers=1, num_heads=2, vocab_size=300, epochs=2, max_epochs=2,
+    progress=False, require_memorised=False,
 )
 
 
@@ -65,7 +70,7 @@ def test_target_folder_loads_and_describes_itself(tiny_target):
 
 
 def test_same_data_and_settings_hit_the_cache(tiny_target, monkeypatch):
-    monkeypatch.setattr(target_module, "train_until_memorised", refuse_training)
+    monkeypatch.setattr(target_build, "train_until_memorised", refuse_training)
     before = os.stat(os.path.join(tiny_target, TARGET_INFO_FILE)).st_mtime_ns
     assert make_target(output_dir=tiny_target, **TINY) == tiny_target
     assert os.stat(os.path.join(tiny_target, TARGET_INFO_FILE)).st_mtime_ns == before
@@ -75,6 +80,8 @@ def test_same_data_and_settings_hit_the_cache(tiny_target, monkeypatch):
         make_target(output_dir=tiny_target, force=True, **TINY)
     with pytest.raises(Retrained):
         make_target(output_dir=tiny_target, seed=1, **TINY)
+    with pytest.raises(Retrained):  # an unmemorised target is never handed over as the finished one
+        make_target(output_dir=tiny_target, **{**TINY, "require_memorised": True})
 
 
 def test_failed_rebuild_leaves_the_old_target_whole(tiny_target, monkeypatch):
@@ -83,15 +90,23 @@ def test_failed_rebuild_leaves_the_old_target_whole(tiny_target, monkeypatch):
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(target_module, "write_lume_folder", broken_write)
+    monkeypatch.setattr(target_build, "write_lume_folder", broken_write)
     with pytest.raises(RuntimeError):
         make_target(output_dir=tiny_target, force=True, **TINY)
     assert read_target_info(tiny_target) == info
     assert not [name for name in os.listdir(os.path.dirname(tiny_target)) if name.startswith(".")]
 
 
+def test_the_budget_is_not_part_of_the_fingerprint():
+    """Rounds are deterministic: a target memorised within one budget is the same target under a larger one."""
+    data = select_documents(target_module.load_target_data(make_synthetic_lume(seed=0)), 2, None, seed=0)
+    small, large = TargetConfig(epochs=10, max_epochs=10), TargetConfig(epochs=10, max_epochs=400)
+    assert data_fingerprint(data, small) == data_fingerprint(data, large)
+    assert data_fingerprint(data, small) != data_fingerprint(data, TargetConfig(epochs=11, max_epochs=10))
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_target(tmp_path, monkeypatch):
-    monkeypatch.setattr(target_module, "train_until_memorised", refuse_training)
+    monkeypatch.setattr(target_build, "train_until_memorised", refuse_training)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(GNMInputError, match="not a target"):
         make_target(output_dir=str(tmp_path), **TINY)
@@ -178,32 +193,39 @@ class _WhitespaceTokenizer:
         return {"input_ids": text.split()}
 
 
-def test_memorises_a_small_pii_set_and_stops_early(tmp_path):
+def test_memorises_a_small_pii_set_in_later_rounds_and_stops_early(tmp_path):
+    """A round of 10 epochs is not enough; the next rounds (warm restarts) reach the bar within the budget."""
     data = make_synthetic_lume(seed=0, num_documents=2, num_validation_documents=0, task_shares={"Task2": 1})
     output = make_target(
-        data, str(tmp_path / "t"), hidden_size=64, num_layers=2, num_heads=2, vocab_size=400, epochs=150,
-        learning_rate=3e-3, batch_size=4, progress=False,
+        data, str(tmp_path / "t"), hidden_size=64, num_layers=2, num_heads=2, vocab_size=400, epochs=10,
+        max_epochs=200, learning_rate=3e-3, batch_size=4, progress=False,
     )  # fmt: skip
     info = read_target_info(output)
-    assert info["memorised"] and info["epochs"] < 150
+    assert info["memorised"] and 10 < info["epochs"] < 200
+    first_round = info["greedy_checks"][0]
+    assert first_round["epoch"] == 10 and first_round["forget_train_qa_exact_match"] < 0.9  # round 1 fell short
     for scores in info["memorisation"].values():
         assert scores["sc_rougeL_recall"] >= 0.95 and scores["qa_exact_match"] >= 0.9
 
 
-def test_cli_help_and_a_tiny_run(tmp_path, capsys):
+def test_cli_help_and_a_budget_too_small_fails_with_the_figures(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gnm_main(["make-target", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for expected in ("usage: gnm make-target", "examples:", "--max-documents-per-split", "--force"):
+    for expected in ("usage: gnm make-target", "examples:", "--max_documents_per_split", "--max_epochs", "--force"):
         assert expected in help_text
     output = str(tmp_path / "cli-target")
-    argv = ["make-target", "--output-dir", output, "--max-documents-per-split", "2", "--hidden-size", "32",
-            "--num-layers", "1", "--num-heads", "2", "--vocab-size", "300", "--epochs", "1", "--quiet"]  # fmt: skip
-    assert gnm_main(argv) == 0
-    assert output in capsys.readouterr().out
-    assert read_target_info(output)["config"]["max_documents_per_split"] == 2
-    assert gnm_main(["make-target", "--data", str(tmp_path / "missing"), "--output-dir", output, "--quiet"]) == 2
+    argv = ["make-target", "--output_dir", output, "--max_documents_per_split", "2", "--hidden_size", "32",
+            "--num_layers", "1", "--num_heads", "2", "--vocab_size", "300", "--epochs", "1", "--max_epochs", "2",
+            "--quiet"]  # fmt: skip
+    assert gnm_main(argv) == 1
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert "not memorised after 2 epochs (--max_epochs 2); nothing written" in error_lines[0]
+    assert [line.split(":")[0].strip() for line in error_lines[1:]] == ["forget_train", "retain_train"]
+    assert all("sc ROUGE-L recall" in line and "QA exact match" in line and "(bar " in line for line in error_lines[1:])
+    assert not os.path.exists(output)  # nothing that looks like a finished target
+    assert gnm_main(["make-target", "--data", str(tmp_path / "missing"), "--output_dir", output, "--quiet"]) == 2
     assert "data folder not found" in capsys.readouterr().err
 
 

@@ -5,19 +5,25 @@ sub-command lives in its own module of this package and exposes `register(subpar
 sets `func` to the function that runs it.
 """
 
+import functools
 import importlib
 import os
 import sys
+import warnings
 
 from ..errors import GNMInputError
+from .options import GNMArgumentParser, read_recipe, recipe_path
 
-# Sub-commands parsed with argparse: name -> module in this package.
+# Sub-commands parsed with argparse: name -> module in this package (`unlearn` is parsed by TrlParser).
 ARGPARSE_COMMANDS = {
     "negatives": "negatives",
     "evaluate": "evaluate",
     "make-target": "make_target",
     "demo": "demo",
 }
+COMMANDS = ("unlearn", *ARGPARSE_COMMANDS)
+# Libraries whose versions `gnm --version` prints beside ours (read from the installed metadata, not imported).
+VERSION_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
 USAGE = """usage: gnm <command> [options]
 
@@ -28,15 +34,34 @@ commands:
   make-target  train a tiny model that memorises a LUME-format dataset
   demo         the whole pipeline end to end on the embedded synthetic default
 
-`gnm <command> --help` shows each command's options and examples.
+`gnm <command> --help` shows each command's options and examples; `gnm --version` the versions in use.
+Options are spelled with underscores, as in TRL (`--max_new_tokens`, and `max_new_tokens:` in a --config recipe);
+the hyphenated spelling (`--max-new-tokens`) is accepted too.
 """
+
+
+def version_text() -> str:
+    """`gnm_trainer X.Y.Z` and, on a second line, Python's and the main libraries' versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in VERSION_LIBRARIES)
+    return f"gnm_trainer {__version__}\npython {platform.python_version()}, {libraries}"
 
 
 def _build_argparse_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="gnm", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = GNMArgumentParser(prog="gnm", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True)  # sub-parsers are GNMArgumentParsers too
     for module_name in ARGPARSE_COMMANDS.values():
         try:
             module = importlib.import_module(f"{__name__}.{module_name}")
@@ -55,35 +80,68 @@ def _build_argparse_parser():
 def apply_recipe(subparser, argv: list[str]) -> None:
     """Make the options of a `--config` YAML recipe the defaults of `subparser`; an unknown key is an error.
 
-    Keys are the option names with dashes or underscores (`max_new_tokens` or `max-new-tokens`).
+    Keys are the option names with underscores or dashes (`max_new_tokens` or `max-new-tokens`; see `options`).
     """
-    if "--config" not in argv:
+    path = recipe_path(argv)
+    if path is None:
         return
-    position = argv.index("--config")
-    path = argv[position + 1] if position + 1 < len(argv) else None
-    if path is None or not os.path.isfile(path):
-        raise GNMInputError(f"--config: recipe file not found: {path}")
-    import yaml
-
-    with open(path, encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle) or {}
-    if not isinstance(recipe, dict):
-        raise GNMInputError(f"{path}: a recipe must be a YAML mapping of option names to values")
+    recipe = read_recipe(path)
     actions = {action.dest: action for action in subparser._actions}
-    unknown = sorted(key for key in recipe if key.replace("-", "_") not in actions or key in ("help", "config"))
+    unknown = sorted(key for key in recipe if key not in actions or key in ("help", "config"))
     if unknown:
         raise GNMInputError(f"{path}: unknown key(s) {unknown} for `{subparser.prog}`; see `{subparser.prog} --help`")
     for key, value in recipe.items():
-        action = actions[key.replace("-", "_")]
-        action.default = value
-        action.required = False
+        actions[key].default = value
+        actions[key].required = False
 
 
+def unknown_command_message(command: str) -> str | None:
+    """The one-line error for a first argument that is not a command (None when it is one)."""
+    if command in COMMANDS:
+        return None
+    return f"gnm: error: unknown command '{command}'; choose from {', '.join(COMMANDS)} (see `gnm --help`)"
+
+
+def quiet_unfixable_warnings() -> None:
+    """Filter, narrowly, warnings that every run printed and that only another library can fix (the command line is
+    the application, so it may; the library itself leaves the warning filters alone)."""
+    # PEFT's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecates; our code
+    # never calls it and the fix belongs to PEFT.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def exits_quietly_on_closed_pipe(function):
+    """`gnm --help | head -1`: when the reader closes our stdout, stop quietly (as coreutils do), no traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # inside the try: a closed pipe shows up here for short outputs
+        except BrokenPipeError:
+            # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+    return wrapper
+
+
+@exits_quietly_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(version_text())
+        return 0
+    unknown = unknown_command_message(argv[0])
+    if unknown:
+        print(unknown, file=sys.stderr)
+        return 2
+    quiet_unfixable_warnings()
     try:
         if argv[0] == "unlearn":
             from .unlearn import main as unlearn_main

@@ -4,8 +4,8 @@ import argparse
 
 EXAMPLES = """examples:
   gnm demo                              # everything, into ./gnm-demo
-  gnm demo --output-dir /tmp/demo --max-steps 100
-  gnm demo --negatives-backend llm      # negatives written by prompting the tiny target itself
+  gnm demo --output_dir /tmp/demo --max_steps 100
+  gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
 
 It prints a before/after table and writes report.md, plot.png, results_before.json, results_after.json,
 negatives.jsonl and the unlearned adapter (model/) into the output folder. The target model is cached
@@ -24,14 +24,14 @@ def register(subparsers) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="where everything is written (default: %(default)s)")
-    parser.add_argument("--target-dir", default=None, help="where the target is cached (default: the user cache)")
+    parser.add_argument("--output_dir", default=defaults.output_dir, help="where everything is written (default: %(default)s)")
+    parser.add_argument("--target_dir", default=None, help="where the target is cached (default: the user cache)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--negatives-backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
-    parser.add_argument("--negative-levels", type=int, default=defaults.negative_levels)
-    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="evaluation generation length")
+    parser.add_argument("--negatives_backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
+    parser.add_argument("--negative_levels", type=int, default=defaults.negative_levels)
+    parser.add_argument("--max_steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens, help="evaluation generation length")
     parser.add_argument("--quick", action="store_true", help="a much smaller target and a 1-step run (for tests)")
     parser.set_defaults(func=run)
 

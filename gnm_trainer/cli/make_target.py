@@ -1,13 +1,14 @@
 """`gnm make-target`: train a tiny model that memorises a LUME-format dataset (the target to unlearn)."""
 
 import argparse
+import sys
 
 EXAMPLES = """examples:
   # the embedded default: synthetic LUME-format data, a 4-layer hidden-256 Llama (about a minute on 2 CPU cores)
-  gnm make-target --output-dir runs/target
+  gnm make-target --output_dir runs/target
 
   # a deterministic subset of the real LUME data: 20 Task2 documents per split
-  gnm make-target --data ../shared/data/lume --tasks Task2 --max-documents-per-split 20 --output-dir runs/lume-target
+  gnm make-target --data ../shared/data/lume --tasks Task2 --max_documents_per_split 20 --output_dir runs/lume-target
 
   # then score or unlearn it; the data it was trained on is in <output-dir>/data
   gnm evaluate --model runs/target --data runs/target/data
@@ -31,52 +32,65 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", default=None, help="LUME-format folder (default: the synthetic dataset)")
-    parser.add_argument("--output-dir", default=None, help="where to write the target (default: the user cache)")
+    parser.add_argument("--output_dir", default=None, help="where to write the target (default: the user cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the synthetic data, the model and the order")
     parser.add_argument("--force", action="store_true", help="retrain even when the output folder is up to date")
     parser.add_argument(
-        "--max-documents-per-split", type=int, default=None, help="keep at most N documents per split (seeded)"
+        "--max_documents_per_split", type=int, default=None, help="keep at most N documents per split (seeded)"
     )
     parser.add_argument("--tasks", nargs="+", default=None, choices=("Task1", "Task2", "Task3"), help="tasks to keep")
-    parser.add_argument("--include-validation", action="store_true", help="train on the validation rows too")
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--epochs", type=int, default=30, help="most epochs; training stops once memorised")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate, cosine decay to 0 at --epochs")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512, help="longest training sequence, in tokens")
+    parser.add_argument("--include_validation", action="store_true", help="train on the validation rows too")
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="epochs per round: a cosine cycle from --learning_rate to 0 (default: %(default)s)")
+    parser.add_argument("--max_epochs", type=int, default=None,
+                        help="the budget: rounds follow one another until memorised or this many epochs have run; "
+                        "then the command fails with the scores reached and writes nothing (default: 4 x --epochs)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3,
+                        help="peak rate of each round (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=512, help="longest training sequence, in tokens")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..target import make_target, read_target_info
+    """Make the target; 1, with the scores reached (one line per split), when the budget ran out before the bar."""
+    from ..target import TargetNotMemorisedError, make_target, read_target_info
 
-    output_dir = make_target(
-        data=args.data,
-        output_dir=args.output_dir,
-        seed=args.seed,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        num_heads=args.num_heads,
-        vocab_size=args.vocab_size,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        include_validation=args.include_validation,
-        max_documents_per_split=args.max_documents_per_split,
-        tasks=args.tasks,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    try:
+        output_dir = make_target(
+            data=args.data,
+            output_dir=args.output_dir,
+            seed=args.seed,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            vocab_size=args.vocab_size,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            include_validation=args.include_validation,
+            max_documents_per_split=args.max_documents_per_split,
+            tasks=args.tasks,
+            force=args.force,
+            progress=not args.quiet,
+            max_epochs=args.max_epochs,
+        )
+    except TargetNotMemorisedError as error:
+        print(f"gnm make-target: error: not memorised after {error.history['epochs']} epochs "
+              f"(--max_epochs {error.config.max_epochs}); nothing written", file=sys.stderr)
+        for line in error.figures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     info = read_target_info(output_dir) or {}
     figures = ", ".join(
         f"{split}: sc ROUGE-L recall {scores['sc_rougeL_recall']:.3f}, QA exact match {scores['qa_exact_match']:.3f}"
         for split, scores in info.get("memorisation", {}).items()
     )
-    state = "memorised" if info.get("memorised") else "NOT memorised"
-    print(f"{output_dir}: {state} after {info.get('epochs')} epochs ({figures})")
+    print(f"{output_dir}: memorised after {info.get('epochs')} epochs ({figures})")
     return 0

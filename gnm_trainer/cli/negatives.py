@@ -10,7 +10,7 @@ EXAMPLES = """examples:
 
   # the paper's backend: an instruct model rewrites each level further from the truth
   gnm negatives --forget data/forget.jsonl --retain data/retain.jsonl --backend llm \\
-      --generator path/or/hub-id --levels 3 --batch-size 16 --max-new-tokens 128 --output negatives/llm.jsonl
+      --generator path/or/hub-id --levels 3 --batch_size 16 --max_new_tokens 128 --output negatives/llm.jsonl
 
   # across 2 GPUs (each process generates a shard; the main process writes the files)
   accelerate launch --num_processes 2 -m gnm_trainer.cli negatives --forget data/lume --backend llm \\
@@ -45,17 +45,17 @@ def register(subparsers) -> None:
     p.add_argument("--backend", required=True, choices=("llm", "perturb"), help="how negatives are made")
     p.add_argument("--levels", type=int, required=True, help="K, levels per forget row (e.g. 3)")
     p.add_argument("--generator", help="llm backend: generator model, a local folder or a Hub id")
-    p.add_argument("--prompt-template", help="llm backend: a file or a str.format string with {prompt}, {previous}, "
+    p.add_argument("--prompt_template", help="llm backend: a file or a str.format string with {prompt}, {previous}, "
                    "{level}, {levels} (default: the built-in template)")  # fmt: skip
-    p.add_argument("--system-prompt", help="llm backend: a file or a string (default: the built-in system prompt)")
+    p.add_argument("--system_prompt", help="llm backend: a file or a string (default: the built-in system prompt)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="llm backend: generation batch size (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="llm backend: new tokens per negative (default 64)")
-    p.add_argument("--max-retries", type=int, default=2, help="llm backend: sampled retries of a degenerate output")
+    p.add_argument("--batch_size", type=int, default=8, help="llm backend: generation batch size (default 8)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="llm backend: new tokens per negative (default 64)")
+    p.add_argument("--max_retries", type=int, default=2, help="llm backend: sampled retries of a degenerate output")
     p.add_argument("--sample", action="store_true", help="llm backend: seeded sampling instead of greedy decoding")
     p.add_argument("--output", required=True, help="output path: <stem>.jsonl and <stem>.parquet are written")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if a finished or partial output exists")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 

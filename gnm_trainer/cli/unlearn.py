@@ -46,25 +46,49 @@ class UnlearnScriptArguments:
     )
 
 
-def make_parser():
+def make_parser(help_all: bool = False):
+    """TRL's `TrlParser` over the three argument groups. Its `--help` shows our options first, in groups (the
+    others still parse); `--help_all` (or `help_all=True`) shows every option. Recipe keys may use hyphens."""
     from trl import ModelConfig, TrlParser
 
     from ..gnm_config import GNMConfig
+    from .options import normalise_recipe_keys
+    from .unlearn_help import (
+        USAGE, RawDescriptionDefaultsFormatter, describe_negated_flags, short_help_groups, show_short_help,
+    )
 
-    return TrlParser((UnlearnScriptArguments, GNMConfig, ModelConfig), prog="gnm unlearn", description=__doc__)
+    class UnlearnParser(TrlParser):
+        def set_defaults_with_config(self, **config):
+            """TRL's, with hyphenated recipe keys read as their underscore spelling (`max-steps:` is `max_steps:`)."""
+            return super().set_defaults_with_config(**normalise_recipe_keys(config, "--config"))
+
+    argument_types = (UnlearnScriptArguments, GNMConfig, ModelConfig)
+    parser = UnlearnParser(
+        argument_types, prog="gnm unlearn", usage=USAGE, description=__doc__,
+        formatter_class=RawDescriptionDefaultsFormatter,
+    )
+    describe_negated_flags(parser)
+    if not help_all:
+        show_short_help(parser, short_help_groups(UnlearnScriptArguments, GNMConfig), lambda: make_parser(True))
+    return parser
 
 
 def parse_arguments(argv: list[str]):
-    """Parse flags and `--config`; YAML and flags are strict (unknown keys are errors)."""
+    """Parse flags and `--config`; YAML and flags are strict (unknown keys are errors), and a `--report_to`
+    integration that is not installed is named before anything loads."""
+    from .options import read_recipe, recipe_path
+    from .reporting import check_reporting_integrations
+
+    path = recipe_path(argv)
+    if path is not None:
+        read_recipe(path)  # a clear error for a missing file, bad YAML or one key spelled two ways, before TRL reads it
     parser = make_parser()
-    if "--config" in argv:
-        config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
-        if config_path is None or not os.path.isfile(config_path):
-            raise GNMInputError(f"--config: recipe file not found: {config_path}")
     try:
-        return parser.parse_args_and_config(argv)
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as error:
         raise GNMInputError(str(error)) from error
+    check_reporting_integrations(training_args.report_to)
+    return script_args, training_args, model_args
 
 
 def build_peft_config(script_args: UnlearnScriptArguments, model_args):
