@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, check_output_folder
 
 
 @dataclass
@@ -65,6 +65,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
 
     settings = settings or DemoSettings()
     output_dir = os.path.abspath(settings.output_dir)
+    check_output_folder(output_dir, "output_dir")
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(settings.seed)
     wall_start = time.perf_counter()

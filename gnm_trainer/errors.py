@@ -20,3 +20,21 @@ def where(source: str | None = None, row: int | str | None = None, field: str | 
     if field is not None:
         parts.append(f"field '{field}'")
     return ", ".join(parts) if parts else "input"
+
+
+# Exit statuses of the `gnm` command line (documented in docs/troubleshooting.md).
+EXIT_ENVIRONMENT = 1  # a file system or network fault (a path that cannot be written, a full disk, no Hub)
+EXIT_INPUT = 2  # a GNMInputError
+EXIT_COLLAPSED = 3  # `gnm unlearn`: the collapse guard stopped training
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks folded into spaces: the CLI prints every error on one line."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def describe_os_error(error: OSError) -> str:
+    """'path: reason' for a file-system error (both paths of a rename), else the error's own text."""
+    reason = error.strerror or str(error)
+    paths = [name for name in (error.filename, error.filename2) if name is not None]
+    return one_line(f"{' -> '.join(map(str, paths))}: {reason}" if paths else reason)

@@ -1,5 +1,6 @@
 """`GNMConfig`: the training arguments of `GNMTrainer`."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,17 @@ FORWARD_PASSES = ("auto", "one", "per_group")
 # The default joins prompt and completion with one space, as the LUME data needs; the paper's template is below.
 DEFAULT_TEXT_TEMPLATE = "{prompt} {completion}"
 PAPER_TEXT_TEMPLATE = "{prompt} >> {completion} is the answer."
+
+
+def require_number(config, name: str, minimum: float | None = None, above: float | None = None) -> None:
+    """A GNMInputError naming `name` unless its value is a finite number >= `minimum` (or > `above`)."""
+    value = getattr(config, name, None)
+    if value is None:  # an optional setting left unset (e.g. max_grad_norm)
+        return
+    if minimum is not None and (not math.isfinite(value) or value < minimum):
+        raise GNMInputError(f"{name}: expected a finite number >= {minimum}, got {value}")
+    if above is not None and (not math.isfinite(value) or value <= above):
+        raise GNMInputError(f"{name}: expected a finite number > {above}, got {value}")
 
 
 @dataclass
@@ -190,10 +202,7 @@ class GNMConfig(TrainingArguments):
         needs_reference = sorted(TERMS_NEEDING_REFERENCE.intersection(self.loss_terms))
         if self.reference_model == "none" and needs_reference:
             raise GNMInputError(f"reference_model: 'none' but the terms {needs_reference} need a reference model")
-        if self.npo_beta <= 0:
-            raise GNMInputError(f"npo_beta: must be > 0, got {self.npo_beta}")
-        if self.klf_cap is not None and self.klf_cap <= 0:
-            raise GNMInputError(f"klf_cap: must be > 0 or None, got {self.klf_cap}")
+        self._check_numbers()
         if self.max_length < 2:
             raise GNMInputError(f"max_length: must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
@@ -212,6 +221,25 @@ class GNMConfig(TrainingArguments):
 
         apply_cpu_launch_defaults(self)  # a multi-process launch without GPUs needs use_cpu (DDP) or gloo (DeepSpeed)
         super().__post_init__()
+
+    def _check_numbers(self) -> None:
+        """Every number in range and finite (a NaN passes `x <= 0` checks and trains garbage)."""
+        for name in [f"{term}_weight" for term in self.loss_terms] + ["weight_decay", "max_grad_norm", "warmup_ratio"]:
+            require_number(self, name, minimum=0)
+        for name in ("learning_rate", "npo_beta", "collapse_retain_nll_ratio"):
+            require_number(self, name, above=0)
+        require_number(self, "collapse_min_retain_nll_increase", minimum=0)
+        if self.klf_cap is not None:
+            require_number(self, "klf_cap", above=0)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window"):
+            require_number(self, name, minimum=1)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise GNMInputError(
+                f"max_steps: {self.max_steps} would train nothing; expected a number of steps >= 1 "
+                "(or -1 to train for num_train_epochs)"
+            )
+        if self.max_steps == -1:
+            require_number(self, "num_train_epochs", above=0)
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -22,7 +22,7 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
-from .modeling import is_adalora, is_peft_model, save_merged
+from .modeling import from_pretrained, is_adalora, is_peft_model, save_merged
 from .reference import adapter_disabled, frozen_copy, prepare_reference_model, resolve_reference_mode
 
 logger = logging.get_logger(__name__)
@@ -216,15 +216,12 @@ class GNMTrainer(Trainer):
         dtype = init_kwargs.get("dtype")
         if isinstance(dtype, str) and dtype != "auto":
             init_kwargs["dtype"] = getattr(torch, dtype)
-        try:
-            return AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
-        except OSError as error:
-            raise GNMInputError(f"model: cannot load {model!r} ({error})") from error
+        return from_pretrained(AutoModelForCausalLM, model, "model", **init_kwargs)  # one-line errors, absolute path
 
     @staticmethod
     def _load_tokenizer(processing_class, model):
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = from_pretrained(AutoTokenizer, model.config._name_or_path, "tokenizer")
         if processing_class.pad_token_id is None:
             if processing_class.eos_token_id is None:
                 raise GNMInputError(
@@ -429,15 +426,15 @@ class GNMTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self.write_manifest(output_dir)
         if saves_sharded_only(self):
             # FSDP with a sharded state dict would leave no loadable weights in the output folder.
             save_full_weights(self, output_dir)
         elif not (self.args.merge_adapters and is_peft_model(unwrapped)):
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call=True)  # True: the upload waits for the manifest
         elif self.args.should_save:
             save_merged(unwrapped, self.processing_class, output_dir)
+        if self.args.should_save:  # after the weights: a failed write here must not cost the trained model
+            self.write_manifest(output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save")

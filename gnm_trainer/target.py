@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from .data.loading import classify_kind
 from .data.synthetic import write_lume_folder
 from .errors import GNMInputError, where
-from .io_utils import atomic_directory, atomic_write_json
+from .io_utils import atomic_directory, atomic_write_json, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -574,6 +574,7 @@ def make_target(
         tasks=tuple(sorted(tasks)) if tasks else None,
     )
     output_dir = os.path.abspath(output_dir or default_target_dir())
+    check_output_folder(output_dir, "output_dir")  # a file there would be replaced
     dataset = select_documents(load_target_data(data, seed), max_documents_per_split, config.tasks, seed)
     fingerprint = data_fingerprint(dataset, config)
     info = read_target_info(output_dir)

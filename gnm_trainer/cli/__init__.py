@@ -9,7 +9,8 @@ import importlib
 import os
 import sys
 
-from ..errors import GNMInputError
+from ..errors import EXIT_ENVIRONMENT, EXIT_INPUT, GNMInputError, describe_os_error, one_line
+from ..io_utils import read_yaml_file
 
 # Sub-commands parsed with argparse: name -> module in this package.
 ARGPARSE_COMMANDS = {
@@ -63,10 +64,7 @@ def apply_recipe(subparser, argv: list[str]) -> None:
     path = argv[position + 1] if position + 1 < len(argv) else None
     if path is None or not os.path.isfile(path):
         raise GNMInputError(f"--config: recipe file not found: {path}")
-    import yaml
-
-    with open(path, encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle) or {}
+    recipe = read_yaml_file(path, "recipe") or {}
     if not isinstance(recipe, dict):
         raise GNMInputError(f"{path}: a recipe must be a YAML mapping of option names to values")
     actions = {action.dest: action for action in subparser._actions}
@@ -88,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "unlearn":
             from .unlearn import main as unlearn_main
 
-            unlearn_main(argv[1:])
-            return 0
+            return int(unlearn_main(argv[1:]) or 0)
         parser, subparsers = _build_argparse_parser()
         if argv[0] in subparsers.choices:
             apply_recipe(subparsers.choices[argv[0]], argv)
@@ -97,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
         return int(result or 0)
     except GNMInputError as error:
-        print(f"gnm {argv[0]}: error: {error}", file=sys.stderr)
-        return 2
+        print(f"gnm {argv[0]}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as error:  # the file system or the network, not the code: one line naming the path
+        print(f"gnm {argv[0]}: error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print(f"gnm {argv[0]}: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..data import load_unlearning_data, load_unlearning_splits, read_records
 from ..errors import GNMInputError, where
-from ..io_utils import atomic_write_json, atomic_write_jsonl, read_json_file
+from ..io_utils import atomic_write_json, atomic_write_jsonl, check_output_folder, read_json_file
 from .generation import document_nll, generate_greedy
 from .semeval import score_example, semeval_results
 
@@ -236,27 +236,12 @@ def load_model_and_tokenizer(model_path: str):
     The dtype is bf16 on a GPU, as in the organisers' script, and float32 on a CPU (bf16 matmuls are slow there).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..modeling import load_model_and_tokenizer as load_model_files
 
     device = _partial_state().device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    adapter_config = os.path.join(model_path, "adapter_config.json")
-    try:
-        if os.path.isfile(adapter_config):
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    except OSError as error:
-        raise GNMInputError(f"{model_path}: could not load a causal language model ({error})") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as error:
-        base = getattr(getattr(model, "peft_config", {}).get("default"), "base_model_name_or_path", None)
-        if base is None:
-            raise GNMInputError(f"{model_path}: could not load its tokenizer ({error})") from error
-        tokenizer = AutoTokenizer.from_pretrained(base)
+    model, tokenizer = load_model_files(model_path, dtype=dtype)  # one-line errors for a bad folder
     return model.to(device), tokenizer
 
 
@@ -284,6 +269,7 @@ def evaluate_path(
     comparing with `baseline_results`, an earlier `evaluation_results.json`, when given). Inputs are checked before
     the model is loaded.
     """
+    check_output_folder(output_dir, "output_dir")
     mmlu = resolve_mmlu_score(mmlu_score)
     baseline = _read_results(baseline_results) if baseline_results else None
     forget, retain = load_unlearning_splits(data_dir, partition=partition)

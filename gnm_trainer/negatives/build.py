@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from ..errors import GNMInputError
-from ..io_utils import atomic_write_jsonl
+from ..io_utils import atomic_write_jsonl, check_output_folder
 from .llm import (
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_TEMPLATE,
@@ -203,6 +203,7 @@ def build_negatives(
     if backend not in BACKENDS:
         raise GNMInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     require_levels(levels)
+    check_output_folder(os.path.dirname(os.path.abspath(os.fspath(output))), "output")
     forget = as_rows(forget_rows, "forget")
     retain = as_rows(retain_rows, "retain") if retain_rows is not None else []
     processes = _Processes()
