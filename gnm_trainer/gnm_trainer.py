@@ -275,7 +275,10 @@ class GNMTrainer(Trainer):
             peft_config = dataclasses.replace(peft_config, total_step=total_step)
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        return get_peft_model(model, peft_config)
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as error:  # PEFT's NoMatchingPeftModuleError and config checks: a wrong setting
+            raise GNMInputError(f"peft_config: {error}") from error
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss

@@ -445,7 +445,7 @@ def test_invalid_numbers_are_refused_before_anything_is_written(workspace, capsy
     terms = ["ga", "klr", "gnm", "npo"] if flag == "npo_beta" else ["ga", "klr", "gnm"]
     with pytest.raises(GNMInputError, match=re.escape(expected)):
         GNMConfig(output_dir=str(workspace / "out"), loss_terms=terms, **{flag: value_type(value)})
-    flags = ["--loss_terms", *terms, f"--{flag}", value]
+    flags = ["--loss_terms", *terms, f"--{flag}={value}"]
     assert expected in one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml"), *flags], 2)
     assert not (workspace / "run").exists()  # no untrained run that looks finished and blocks the folder
 
@@ -640,3 +640,11 @@ def test_an_adapter_trained_from_a_relative_path_evaluates_from_anywhere(workspa
     (workspace / "run" / "adapter_config.json").write_text(json.dumps(config))
     line = one_line_error(capsys, evaluate_argv(workspace, "--model", str(workspace / "run")), 2)
     assert f"{workspace / 'run' / 'adapter_config.json'}: base_model_name_or_path 'runs/tiny/target' is not a folder" in line
+
+
+def test_lora_target_modules_one_name_works_and_a_wrong_name_is_one_line(workspace, capsys):
+    recipe = ["unlearn", "--config", str(workspace / "recipe.yaml"), "--use_peft", "true", "--lora_r", "2"]
+    line = one_line_error(capsys, [*recipe, "--lora_target_modules", "qproj"], 2)
+    assert "peft_config: Target modules {'qproj'} not found in the base model" in line
+    assert main([*recipe, "--lora_target_modules", "q_proj"]) == 0  # one name is a module name, not a regex
+    assert (workspace / "run" / "adapter_model.safetensors").is_file()

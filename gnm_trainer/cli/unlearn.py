@@ -80,6 +80,10 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
 
     if not model_args.use_peft:
         return None
+    target = model_args.lora_target_modules
+    if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
+        # TRL turns one `--lora_target_modules q_proj` into a string, which PEFT reads as a regex of the full name
+        model_args.lora_target_modules = [target]
     if script_args.peft_method == "lora":
         return get_peft_config(model_args)
     from peft import AdaLoraConfig
@@ -310,7 +314,7 @@ def main(argv: list[str]) -> int:
     import sys
 
     config_path = recipe_path(argv)
-    if config_path is not None:
+    if config_path is not None and os.path.isfile(config_path):
         read_yaml_file(config_path, "recipe")  # invalid YAML: one line naming the line, before TrlParser's traceback
     script_args, training_args, model_args = parse_arguments(argv)
     trainer = run_unlearning(script_args, training_args, model_args)
