@@ -110,11 +110,31 @@ def read_json_file(path: str, what: str) -> Any:
 
     if not os.path.isfile(path):
         raise GNMInputError(f"{path}: {what} not found")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as error:
+        raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+
+
+def decode_utf8(data: bytes, path: str, line_number: int | None = None) -> str:
+    """`data` (the file `path`, or its line `line_number`) as UTF-8 text; otherwise a GNMInputError naming the
+    file, the line and the offending byte."""
+    from .errors import GNMInputError
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if line_number is None:
+            line_number = data.count(b"\n", 0, error.start) + 1
+        raise GNMInputError(
+            f"{path}, line {line_number}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from error
+
+
+def read_text_file(path: str) -> str:
+    """The whole of a UTF-8 text file (the error for other encodings names the line)."""
+    with open(path, "rb") as handle:
+        return decode_utf8(handle.read(), path)
 
 
 def read_yaml_file(path: str, what: str) -> Any:
@@ -126,15 +146,12 @@ def read_yaml_file(path: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise GNMInputError(f"{path}: {what} not found")
     try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+        return yaml.safe_load(read_text_file(path))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or error
         raise GNMInputError(f"{path}{at}: invalid YAML in the {what} ({one_line(problem)})") from error
-    except UnicodeDecodeError as error:
-        raise GNMInputError(f"{path}: the {what} is not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
 def check_output_folder(path: str | os.PathLike, option: str = "output_dir") -> None:

@@ -648,3 +648,54 @@ def test_lora_target_modules_one_name_works_and_a_wrong_name_is_one_line(workspa
     assert "peft_config: Target modules {'qproj'} not found in the base model" in line
     assert main([*recipe, "--lora_target_modules", "q_proj"]) == 0  # one name is a module name, not a regex
     assert (workspace / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_negatives_resume_when_the_crash_cut_a_character_in_half(tmp_path, monkeypatch):
+    from gnm_trainer.negatives import build as build_module
+    from gnm_trainer.negatives.build import build_negatives, partial_path
+
+    rows = fact_rows("forget", 0, 4)
+    settings = dict(retain_rows=fact_rows("retain", 4, 8), seed=2, chunk_size=2, progress=False)
+    expected = build_negatives(rows, "perturb", 2, tmp_path / "full" / "neg.jsonl", **settings)
+    original = build_module._generate_chunk
+
+    def stop_after_one_chunk(chunk, *args):
+        monkeypatch.setattr(build_module, "_generate_chunk", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return original(chunk, *args)
+
+    monkeypatch.setattr(build_module, "_generate_chunk", stop_after_one_chunk)
+    output = tmp_path / "resumed" / "neg.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        build_negatives(rows, "perturb", 2, output, **settings)
+    with open(partial_path(output), "ab") as handle:  # the crash cut 'é' (0xc3 0xa9) after its first byte
+        handle.write('{"id": "forget003qa0", "completion": "caf'.encode() + b"\xc3")
+    monkeypatch.setattr(build_module, "_generate_chunk", original)
+    assert build_negatives(rows, "perturb", 2, output, **settings) == expected
+
+
+def test_text_files_given_to_options_that_are_not_utf8(workspace, capsys):
+    template = workspace / "template.txt"
+    template.write_bytes(b"Rewrite \xff{prompt}\n")
+    line = one_line_error(capsys, ["negatives", "--forget", str(workspace / "data"), "--backend", "llm", "--generator",
+                                   str(workspace / "target"), "--levels", "2", "--output", str(workspace / "neg.jsonl"),
+                                   "--prompt-template", str(template)], 2)
+    assert f"{template}, line 1: not UTF-8 text (byte 0xff)" in line
+    baseline = workspace / "baseline.json"
+    baseline.write_bytes(b'{"harmonic-mean-task-aggregate":\n "\xe9"}')
+    line = one_line_error(capsys, evaluate_argv(workspace, "--baseline-results", str(baseline)), 2)
+    assert f"{baseline}, line 2: not UTF-8 text (byte 0xe9)" in line
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["make-target", "--learning-rate", "nan"], "learning_rate must be a finite positive number, got nan"),
+        (["demo", "--quick", "--max-steps", "0"], "max_steps: expected an integer >= 1, got 0"),
+        (["demo", "--quick", "--negative-levels", "0"], "levels must be an integer >= 1"),
+        (["demo", "--quick", "--learning-rate", "inf"], "learning_rate: expected a finite number > 0, got inf"),
+    ],
+)
+def test_make_target_and_demo_settings_are_checked_before_any_work(workspace, capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr("gnm_trainer.target.load_target_data", lambda *a, **k: pytest.fail("work started"))
+    output = workspace / "out"
+    assert expected in one_line_error(capsys, [*argv, "--output-dir", str(output)], 2)

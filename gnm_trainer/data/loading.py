@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import GNMInputError, where
+from ..io_utils import decode_utf8, read_text_file
 
 NORMALISED_COLUMNS = ("id", "prompt", "completion", "task", "kind", "chat")
 SPLITS = ("forget", "retain")
@@ -85,7 +86,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
             raise GNMInputError(f"{path}: not a readable parquet file ({error})") from error
     if path.endswith(".json"):
         try:
-            data = json.loads(decode_utf8(read_bytes(path), path))
+            data = json.loads(read_text_file(path))
         except json.JSONDecodeError as error:
             raise GNMInputError(f"{path}: invalid JSON ({error})") from error
         if not isinstance(data, list):
@@ -105,23 +106,6 @@ def read_records(path: str) -> list[dict[str, Any]]:
                 raise GNMInputError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
-def decode_utf8(data: bytes, path: str, line_number: int | None = None) -> str:
-    """`data` as UTF-8 text; otherwise a GNMInputError naming the file, the line and the offending byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if line_number is None:
-            line_number = data.count(b"\n", 0, error.start) + 1
-        raise GNMInputError(
-            f"{path}, line {line_number}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
-        ) from error
 
 
 def read_split(directory: str, split: str, partition: str = "train") -> tuple[list[dict[str, Any]], str]:
