@@ -699,3 +699,15 @@ def test_make_target_and_demo_settings_are_checked_before_any_work(workspace, ca
     monkeypatch.setattr("gnm_trainer.target.load_target_data", lambda *a, **k: pytest.fail("work started"))
     output = workspace / "out"
     assert expected in one_line_error(capsys, [*argv, "--output-dir", str(output)], 2)
+
+
+def test_resume_from_checkpoint_is_honoured_or_refused(workspace, capsys):
+    recipe = ["unlearn", "--config", str(workspace / "recipe.yaml")]
+    void = workspace / "void-checkpoint"
+    line = one_line_error(capsys, [*recipe, "--resume_from_checkpoint", str(void)], 2)
+    assert f"resume_from_checkpoint: cannot resume from {void} (no such folder)" in line
+    assert not (workspace / "run").exists()
+    assert main(_checkpointed_run(workspace, 2) + ["--output_dir", str(workspace / "first")]) == 0
+    checkpoint = workspace / "first" / "checkpoint-1"
+    assert main([*recipe, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)]) == 0
+    assert json.loads((workspace / "run" / "trainer_state.json").read_text())["global_step"] == 3

@@ -248,6 +248,11 @@ def check_run(script_args, training_args, model_args) -> str:
     check_output_folder(training_args.output_dir, "output_dir")
     refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
     check_hub_access(training_args)
+    asked = training_args.resume_from_checkpoint
+    if asked:
+        problem = checkpoint_problem(asked) if os.path.isdir(asked) else "no such folder"
+        if problem is not None:
+            raise GNMInputError(f"resume_from_checkpoint: cannot resume from {asked} ({problem})")
     return source
 
 
@@ -263,8 +268,8 @@ def save_run(trainer, result) -> None:
 
 
 def run_unlearning(script_args, training_args, model_args):
-    """Check, load, train (resuming from the last complete checkpoint when there is one), save; returns the
-    trainer."""
+    """Check, load, train (from `resume_from_checkpoint`, else from the last complete checkpoint in output_dir when
+    there is one), save; returns the trainer."""
     from ..data.loading import load_unlearning_data
     from ..gnm_trainer import GNMTrainer
 
@@ -281,7 +286,8 @@ def run_unlearning(script_args, training_args, model_args):
         negative_dataset=script_args.negatives_path,
         peft_config=build_peft_config(script_args, model_args),
     )
-    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(training_args.output_dir))
+    checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     save_run(trainer, result)
     return trainer
 
