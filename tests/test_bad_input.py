@@ -711,3 +711,12 @@ def test_resume_from_checkpoint_is_honoured_or_refused(workspace, capsys):
     checkpoint = workspace / "first" / "checkpoint-1"
     assert main([*recipe, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)]) == 0
     assert json.loads((workspace / "run" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_overwriting_a_finished_run_trains_anew_instead_of_resuming_its_checkpoints(workspace):
+    flags = ["--logging_steps", "1", "--lr_scheduler_type", "constant"]
+    assert main(_checkpointed_run(workspace, 2) + flags) == 0
+    assert main(_checkpointed_run(workspace, 3) + flags + ["--overwrite_output", "true", "--learning_rate", "5e-4"]) == 0
+    history = json.loads((workspace / "run" / "trainer_state.json").read_text())["log_history"]
+    first_step = next(entry for entry in history if entry.get("step") == 1 and "learning_rate" in entry)
+    assert first_step["learning_rate"] == pytest.approx(5e-4)  # step 1 of the new run, not of the replaced one

@@ -233,6 +233,18 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_to_resume(training_args) -> str | None:
+    """`resume_from_checkpoint`, else the last complete checkpoint in output_dir; none when output_dir holds a
+    finished run that `--overwrite_output true` replaces (its checkpoints belong to that run)."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if finished_run_files(training_args.output_dir):
+        logger.warning("Replacing the finished run in %s: training from the start, not from its checkpoints.",
+                       training_args.output_dir)
+        return None
+    return last_complete_checkpoint(training_args.output_dir)
+
+
 def check_run(script_args, training_args, model_args) -> str:
     """Every check that needs no model or data, before any work starts; returns the data source."""
     from ..data.loading import refuse_single_file
@@ -286,8 +298,7 @@ def run_unlearning(script_args, training_args, model_args):
         negative_dataset=script_args.negatives_path,
         peft_config=build_peft_config(script_args, model_args),
     )
-    checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     save_run(trainer, result)
     return trainer
 
