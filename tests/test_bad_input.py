@@ -409,7 +409,8 @@ def test_evaluate_a_missing_or_corrupt_model_or_adapter(workspace, capsys, tiny_
     from gnm_trainer.modeling import load_model_and_tokenizer
 
     missing = workspace / "void-model"
-    assert f"model: cannot load '{missing}' (no such folder)" in one_line_error(capsys, evaluate_argv(workspace, "--model", str(missing)), 2)
+    line = one_line_error(capsys, evaluate_argv(workspace, "--model", str(missing)), 2)
+    assert f"model: cannot load '{missing}' (no such folder)" in line
     corrupt = workspace / "corrupt"
     shutil.copytree(workspace / "target", corrupt)
     _truncate(corrupt / "model.safetensors")
@@ -423,7 +424,8 @@ def test_evaluate_a_missing_or_corrupt_model_or_adapter(workspace, capsys, tiny_
     config["base_model_name_or_path"] = str(workspace / "target")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     _truncate(adapter / "adapter_model.safetensors")
-    assert f"adapter: cannot load '{adapter}' (SafetensorError" in one_line_error(capsys, evaluate_argv(workspace, "--model", str(adapter)), 2)
+    line = one_line_error(capsys, evaluate_argv(workspace, "--model", str(adapter)), 2)
+    assert f"adapter: cannot load '{adapter}' (SafetensorError" in line
     assert not (workspace / "evaluation").exists()
 
 
@@ -555,7 +557,9 @@ def test_push_to_hub_without_the_hub_stops_before_training(workspace, capsys, mo
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     def offline(*args, **kwargs):
-        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.\nTo disable it, unset HF_HUB_OFFLINE.")
+        raise OfflineModeIsEnabled(
+            "Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.\nTo disable it, unset HF_HUB_OFFLINE."
+        )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
     monkeypatch.setattr(GNMTrainer, "train", lambda *a, **k: pytest.fail("trained without a reachable Hub"))
@@ -581,7 +585,10 @@ def test_completions_cut_by_max_length_are_counted_in_a_warning(tmp_path, tiny_m
     rows = fact_rows("forget", 0, 4)
     rows[1]["output"] = "a very long answer " * 20
     with caplog.at_level(logging.WARNING, logger="gnm_trainer.data.collator"):
-        GNMTrainer(tiny_model, small_config(tmp_path, loss_terms=["ga"], max_length=32), train_dataset=rows, processing_class=tiny_tokenizer)
+        GNMTrainer(
+            tiny_model, small_config(tmp_path, loss_terms=["ga"], max_length=32), train_dataset=rows,
+            processing_class=tiny_tokenizer,
+        )
     cut = [r.getMessage() for r in caplog.records if "cut to fit max_length=32" in r.getMessage()]
     assert len(cut) == 1 and cut[0].startswith("forget set: 1 of 4 completions are cut"), cut
 
@@ -610,7 +617,8 @@ def test_a_collapse_guard_stop_exits_3_with_a_line_of_its_own(workspace, capsys)
     captured = capsys.readouterr()
     assert status == EXIT_COLLAPSED == 3, captured.err
     last_line = captured.err.rstrip("\n").split("\n")[-1]
-    assert last_line.startswith("gnm unlearn: collapse guard: nll_retain = ") and "training stopped (stopped" in last_line
+    assert last_line.startswith("gnm unlearn: collapse guard: nll_retain = ")
+    assert "training stopped (no checkpoint saved before step" in last_line and "gnm_manifest.json" in last_line
     assert (workspace / "run" / "gnm_manifest.json").exists()
 
 

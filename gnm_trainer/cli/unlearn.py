@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 
@@ -224,7 +225,9 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             return os.path.join(output_dir, name)
         skipped.append(f"{name} ({problem})")
     if skipped:
-        logger.warning("Skipping incomplete %s; no complete checkpoint left, training from the start.", "; ".join(skipped))
+        logger.warning(
+            "Skipping incomplete %s; no complete checkpoint left, training from the start.", "; ".join(skipped)
+        )
     return None
 
 
@@ -320,16 +323,17 @@ def collapse_message(events: list[dict]) -> str:
     """One line for the collapse guard's stop (the last event)."""
     event = events[-1]
     threshold = "" if event.get("threshold") is None else f" > threshold {event['threshold']:.4g}"
+    # The action reads "stopped", "stopped; no checkpoint ..." or "rolled back to ...".
+    detail = event["action"].removeprefix("stopped").lstrip("; ")
+    stopped = f"training stopped ({detail})" if detail else "training stopped"
     return (
-        f"collapse guard: {event['metric']} = {event['value']:.4g}{threshold} after {event['step']} steps; "
-        f"training stopped ({event['action']}); the saved model is that one, see gnm_manifest.json"
+        f"collapse guard: {event['metric']} = {event['value']:.4g}{threshold} after {event['step']} steps; {stopped}; "
+        "the model saved is the one kept, and gnm_manifest.json records the event"
     )
 
 
 def main(argv: list[str]) -> int:
     """`gnm unlearn`; returns the exit status (EXIT_COLLAPSED when the collapse guard stopped training)."""
-    import sys
-
     config_path = recipe_path(argv)
     if config_path is not None and os.path.isfile(config_path):
         read_yaml_file(config_path, "recipe")  # invalid YAML: one line naming the line, before TrlParser's traceback
