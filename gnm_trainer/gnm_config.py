@@ -1,6 +1,7 @@
 """`GNMConfig`: the training arguments of `GNMTrainer`."""
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,18 @@ DEFAULT_TEXT_TEMPLATE = "{prompt} {completion}"
 PAPER_TEXT_TEMPLATE = "{prompt} >> {completion} is the answer."
 
 
-def require_number(config, name: str, minimum: float | None = None, above: float | None = None) -> None:
-    """A GNMInputError naming `name` unless its value is a finite number >= `minimum` (or > `above`)."""
+def require_number(
+    config, name: str, minimum: float | None = None, above: float | None = None, integer: bool = False
+) -> None:
+    """A GNMInputError naming `name` unless its value is a finite number (an integer with `integer`) >= `minimum`
+    (or > `above`). A recipe's values reach here unconverted, so a list or a string is possible."""
     value = getattr(config, name, None)
     if value is None:  # an optional setting left unset (e.g. max_grad_norm)
         return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = "an integer" if integer else "a number"
+        raise GNMInputError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
     if minimum is not None and (not math.isfinite(value) or value < minimum):
         raise GNMInputError(f"{name}: expected a finite number >= {minimum}, got {value}")
     if above is not None and (not math.isfinite(value) or value <= above):
@@ -176,6 +184,10 @@ class GNMConfig(TrainingArguments):
     def __post_init__(self):
         if isinstance(self.loss_terms, str):
             self.loss_terms = [term.strip() for term in self.loss_terms.split(",") if term.strip()]
+        if not isinstance(self.loss_terms, (list, tuple)) or not all(isinstance(t, str) for t in self.loss_terms):
+            raise GNMInputError(
+                f"loss_terms: expected a list of term names (some of {list(LOSS_TERMS)}), got {self.loss_terms!r}"
+            )
         self.loss_terms = list(dict.fromkeys(self.loss_terms))
         unknown = [term for term in self.loss_terms if term not in LOSS_TERMS]
         if unknown:
@@ -203,13 +215,13 @@ class GNMConfig(TrainingArguments):
         if self.reference_model == "none" and needs_reference:
             raise GNMInputError(f"reference_model: 'none' but the terms {needs_reference} need a reference model")
         self._check_numbers()
-        if self.max_length < 2:
-            raise GNMInputError(f"max_length: must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise GNMInputError(
                 f"max_prompt_length: must be between 1 and max_length - 1 ({self.max_length - 1}), "
                 f"got {self.max_prompt_length}"
             )
+        if not isinstance(self.text_template, str):
+            raise GNMInputError(f"text_template: expected a string, got {self.text_template!r}")
         prompt_at, completion_at = self.text_template.find("{prompt}"), self.text_template.find("{completion}")
         if prompt_at < 0 or completion_at < 0 or completion_at < prompt_at:
             raise GNMInputError(
@@ -232,7 +244,10 @@ class GNMConfig(TrainingArguments):
         if self.klf_cap is not None:
             require_number(self, "klf_cap", above=0)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window"):
-            require_number(self, name, minimum=1)
+            require_number(self, name, minimum=1, integer=True)
+        require_number(self, "max_length", minimum=2, integer=True)
+        require_number(self, "max_prompt_length", minimum=1, integer=True)
+        require_number(self, "max_steps", integer=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise GNMInputError(
                 f"max_steps: {self.max_steps} would train nothing; expected a number of steps >= 1 "

@@ -728,3 +728,20 @@ def test_overwriting_a_finished_run_trains_anew_instead_of_resuming_its_checkpoi
     history = json.loads((workspace / "run" / "trainer_state.json").read_text())["log_history"]
     first_step = next(entry for entry in history if entry.get("step") == 1 and "learning_rate" in entry)
     assert first_step["learning_rate"] == pytest.approx(5e-4)  # step 1 of the new run, not of the replaced one
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("loss_terms", 5, "loss_terms: expected a list of term names"),
+        ("learning_rate", [0.001], "learning_rate: expected a number, got list [0.001]"),
+        ("max_steps", 1.5, "max_steps: expected an integer, got float 1.5"),
+        ("max_length", [64], "max_length: expected an integer, got list [64]"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type(workspace, capsys, key, value, expected):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    recipe[key] = value
+    (workspace / "typed.yaml").write_text(yaml.safe_dump(recipe))
+    assert expected in one_line_error(capsys, ["unlearn", "--config", str(workspace / "typed.yaml")], 2)
+    assert not (workspace / "run").exists()
