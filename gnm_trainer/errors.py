@@ -38,3 +38,17 @@ def describe_os_error(error: OSError) -> str:
     reason = error.strerror or str(error)
     paths = [name for name in (error.filename, error.filename2) if name is not None]
     return one_line(f"{' -> '.join(map(str, paths))}: {reason}" if paths else reason)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is `torch.OutOfMemoryError` (checked by name: this module does not import torch)."""
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
+
+
+def describe_out_of_memory(error: BaseException) -> str:
+    """One line for an accelerator out-of-memory error, with what to lower."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (
+        f"out of accelerator memory ({first.split('. ')[0]}); lower the batch size (per_device_train_batch_size, "
+        "--batch-size) or max_length, or use gradient_accumulation_steps, LoRA or gradient_checkpointing"
+    )

@@ -745,3 +745,14 @@ def test_recipe_values_of_the_wrong_type(workspace, capsys, key, value, expected
     (workspace / "typed.yaml").write_text(yaml.safe_dump(recipe))
     assert expected in one_line_error(capsys, ["unlearn", "--config", str(workspace / "typed.yaml")], 2)
     assert not (workspace / "run").exists()
+
+
+def test_out_of_accelerator_memory_is_one_line_with_what_to_lower(workspace, capsys, monkeypatch):
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
+
+    monkeypatch.setattr(GNMTrainer, "train", out_of_memory)
+    line = one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml")], 1)
+    assert "out of accelerator memory (CUDA out of memory); lower the batch size (per_device_train_batch_size" in line

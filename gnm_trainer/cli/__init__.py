@@ -9,7 +9,15 @@ import importlib
 import os
 import sys
 
-from ..errors import EXIT_ENVIRONMENT, EXIT_INPUT, GNMInputError, describe_os_error, one_line
+from ..errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_INPUT,
+    GNMInputError,
+    describe_os_error,
+    describe_out_of_memory,
+    is_out_of_memory,
+    one_line,
+)
 from ..io_utils import read_yaml_file
 
 # Sub-commands parsed with argparse: name -> module in this package.
@@ -98,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     except OSError as error:  # the file system or the network, not the code: one line naming the path
         print(f"gnm {argv[0]}: error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except RuntimeError as error:  # torch.OutOfMemoryError is the machine's limit; other RuntimeErrors are bugs
+        if not is_out_of_memory(error):
+            raise
+        print(f"gnm {argv[0]}: error: {describe_out_of_memory(error)}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print(f"gnm {argv[0]}: interrupted", file=sys.stderr)
