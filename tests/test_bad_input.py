@@ -756,3 +756,10 @@ def test_out_of_accelerator_memory_is_one_line_with_what_to_lower(workspace, cap
     monkeypatch.setattr(GNMTrainer, "train", out_of_memory)
     line = one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml")], 1)
     assert "out of accelerator memory (CUDA out of memory); lower the batch size (per_device_train_batch_size" in line
+
+
+def test_report_to_an_integration_that_is_not_installed(workspace, capsys, monkeypatch):
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["tensorboard"])
+    line = one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml"), "--report_to", "wandb"], 2)
+    assert "report_to: wandb is not installed; install its package or pass --report_to none" in line
+    assert not (workspace / "run").exists()

@@ -140,6 +140,18 @@ def model_init_kwargs(model_args) -> dict:
     return kwargs
 
 
+def check_reporting(training_args) -> None:
+    """Every `report_to` integration is installed (the Trainer finds out only after the model is loaded)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [name for name in training_args.report_to or [] if name not in ("none", "all")]
+    missing = [name for name in wanted if name not in get_available_reporting_integrations()]
+    if missing:
+        raise GNMInputError(
+            f"report_to: {', '.join(missing)} is not installed; install its package or pass --report_to none"
+        )
+
+
 def check_hub_access(training_args) -> None:
     """With `push_to_hub`, reach the Hub (creating the repository, as the Trainer would) before any work starts:
     an OSError naming the repository when the Hub is offline, unreachable or refuses the token."""
@@ -262,6 +274,7 @@ def check_run(script_args, training_args, model_args) -> str:
     refuse_single_file(script_args.data_dir, "data_dir")  # it would be both the forget and the retain set
     check_output_folder(training_args.output_dir, "output_dir")
     refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
+    check_reporting(training_args)
     check_hub_access(training_args)
     asked = training_args.resume_from_checkpoint
     if asked:
