@@ -502,7 +502,7 @@ def read_only(monkeypatch, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("command", ["unlearn", "evaluate", "negatives"])
+@pytest.mark.parametrize("command", ["unlearn", "evaluate", "negatives", "make-target", "demo"])
 def test_an_unwritable_output_folder_is_found_before_any_work(workspace, capsys, read_only, monkeypatch, command):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output folder was checked")
@@ -510,6 +510,7 @@ def test_an_unwritable_output_folder_is_found_before_any_work(workspace, capsys,
     monkeypatch.setattr(GNMTrainer, "train", no_work)
     monkeypatch.setattr("gnm_trainer.evaluation.evaluator.load_model_and_tokenizer", no_work)
     monkeypatch.setattr("gnm_trainer.negatives.build.as_rows", no_work)
+    monkeypatch.setattr("gnm_trainer.target.load_target_data", no_work)
     line = one_line_error(capsys, _output_is_a_file_argv(workspace, command, read_only / "out"), 1)
     assert f"{read_only}: " in line and "cannot be written here (Read-only file system)" in line
 
