@@ -33,6 +33,11 @@ def one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (library errors often add pages of advice)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def describe_os_error(error: OSError) -> str:
     """'path: reason' for a file-system error (both paths of a rename), else the error's own text."""
     reason = error.strerror or str(error)
@@ -47,8 +52,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def describe_out_of_memory(error: BaseException) -> str:
     """One line for an accelerator out-of-memory error, with what to lower."""
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return (
-        f"out of accelerator memory ({first.split('. ')[0]}); lower the batch size (per_device_train_batch_size, "
+        f"out of accelerator memory ({first_line(error).split('. ')[0]}); lower the batch size (per_device_train_batch_size, "
         "--batch-size) or max_length, or use gradient_accumulation_steps, LoRA or gradient_checkpointing"
     )

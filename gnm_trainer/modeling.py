@@ -8,7 +8,7 @@ importing `gnm_trainer.gnm_trainer` (which imports them in turn).
 import json
 import os
 
-from .errors import GNMInputError, one_line
+from .errors import GNMInputError, first_line, is_out_of_memory, one_line
 
 # What a bad model folder raises while loading (missing files, a truncated or corrupt weights file, a config
 # without a field, no network for a Hub id); anything else is a bug and keeps its traceback.
@@ -47,12 +47,9 @@ def from_pretrained(loader, name_or_path, what: str = "model", **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
     except LOAD_ERRORS as error:
+        if is_out_of_memory(error):  # the machine's limit, not the folder's fault (the CLI says what to lower)
+            raise
         raise GNMInputError(f"{what}: cannot load {name!r} ({type(error).__name__}: {first_line(error)})") from error
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an error's message (library errors often add pages of advice)."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def adapter_base(adapter_dir: str) -> str | None:
@@ -66,10 +63,11 @@ def adapter_base(adapter_dir: str) -> str | None:
     except (ValueError, OSError) as error:
         raise GNMInputError(f"{config_path}: not a readable adapter config ({one_line(error)})") from error
     if base and not os.path.isdir(base) and looks_like_local_path(base):
-        raise GNMInputError(
-            f"{config_path}: base_model_name_or_path {base!r} is not a folder from {os.getcwd()}; a relative path is "
-            "relative to where the adapter was trained: run from there, or write the base model's absolute path there"
+        fix = "write the base model's path there" if os.path.isabs(base) else (
+            f"it is relative to where the adapter was trained, not to {os.getcwd()}: run from there, or write the "
+            "base model's absolute path there"
         )
+        raise GNMInputError(f"{config_path}: base_model_name_or_path {base!r} is not a folder; {fix}")
     return base
 
 
