@@ -764,3 +764,21 @@ def test_report_to_an_integration_that_is_not_installed(workspace, capsys, monke
     line = one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml"), "--report_to", "wandb"], 2)
     assert "report_to: wandb is not installed; install its package or pass --report_to none" in line
     assert not (workspace / "run").exists()
+
+
+def test_a_failed_save_over_a_finished_run_leaves_that_run_whole(workspace, capsys, monkeypatch):
+    from transformers import Trainer
+
+    run = workspace / "run"
+    assert main(["unlearn", "--config", str(workspace / "recipe.yaml")]) == 0
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+
+    def disk_full_halfway(self, output_dir=None, state_dict=None):
+        (run / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "model.safetensors"))
+
+    monkeypatch.setattr(Trainer, "_save", disk_full_halfway)
+    capsys.readouterr()
+    line = one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml"), "--overwrite_output", "true"], 1)
+    assert f"{run / 'model.safetensors'}: No space left on device" in line
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before

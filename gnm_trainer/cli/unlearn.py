@@ -11,10 +11,12 @@ Examples:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m gnm_trainer.cli unlearn --config ...
 """
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -284,11 +286,39 @@ def check_run(script_args, training_args, model_args) -> str:
     return source
 
 
+REPLACED_RUN_DIR = ".replaced-run"
+
+
+@contextlib.contextmanager
+def replaced_run_kept(trainer, output_dir: str):
+    """While a new model is saved over a finished run (`--overwrite_output true`), keep the old run's files aside
+    and put them back if the save fails, so that a failed save never leaves a half-overwritten model."""
+    keep = os.path.join(output_dir, REPLACED_RUN_DIR)
+    moved = []
+    if trainer.is_world_process_zero() and finished_run_files(output_dir):
+        os.makedirs(keep, exist_ok=True)
+        for name in sorted(os.listdir(output_dir)):
+            if not name.startswith(".") and os.path.isfile(os.path.join(output_dir, name)):
+                os.replace(os.path.join(output_dir, name), os.path.join(keep, name))
+                moved.append(name)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        yield
+    except BaseException:
+        for name in moved:
+            os.replace(os.path.join(keep, name), os.path.join(output_dir, name))
+        raise
+    finally:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(keep, ignore_errors=True)
+
+
 def save_run(trainer, result) -> None:
     """The model first (with its manifest; uploaded with `push_to_hub`), then the card, metrics and state: a
-    write that fails later never costs the trained model."""
+    write that fails later never costs the trained model, and a failed save over a finished run leaves that run."""
     output_dir = trainer.args.output_dir
-    trainer.save_model(output_dir)
+    with replaced_run_kept(trainer, output_dir):
+        trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         trainer.create_model_card()
     trainer.save_metrics("train", result.metrics)
