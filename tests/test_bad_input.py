@@ -61,14 +61,20 @@ def workspace(tmp_path, tiny_model, tiny_tokenizer):
     return tmp_path
 
 
+def one_line_error(capsys, argv, code) -> str:
+    """Run `gnm argv`; assert exit status `code`, exactly one `gnm <command>: error:` line and no traceback."""
+    status = main(list(argv))
+    error = capsys.readouterr().err
+    assert status == code, error
+    assert "Traceback" not in error
+    lines = [line for line in error.splitlines() if f"gnm {argv[0]}: error:" in line]
+    assert len(lines) == 1, error
+    return lines[0]
+
+
 def cli_error(capsys, workspace, *flags) -> str:
     """Run `gnm unlearn` with the workspace recipe and `flags`; assert exit 2, one message, no traceback."""
-    code = main(["unlearn", "--config", str(workspace / "recipe.yaml"), *flags])
-    error = capsys.readouterr().err
-    assert code == 2, error
-    assert "Traceback" not in error
-    assert error.count("gnm unlearn: error:") == 1, error
-    return error
+    return one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml"), *flags], 2)
 
 
 def data_folder(workspace, name, forget=None, retain=None):
@@ -348,17 +354,6 @@ def test_a_folder_of_checkpoints_only_is_not_finished(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Faults through every command: one line, a documented exit status, nothing on disk lost
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def one_line_error(capsys, argv, code) -> str:
-    """Run `gnm argv`; assert exit status `code`, exactly one `gnm <command>: error:` line and no traceback."""
-    status = main(list(argv))
-    error = capsys.readouterr().err
-    assert status == code, error
-    assert "Traceback" not in error
-    lines = [line for line in error.splitlines() if f"gnm {argv[0]}: error:" in line]
-    assert len(lines) == 1, error
-    return lines[0]
 
 
 def evaluate_argv(workspace, *flags):
