@@ -777,3 +777,20 @@ def test_a_failed_save_over_a_finished_run_leaves_that_run_whole(workspace, caps
     line = one_line_error(capsys, ["unlearn", "--config", str(workspace / "recipe.yaml"), "--overwrite_output", "true"], 1)
     assert f"{run / 'model.safetensors'}: No space left on device" in line
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
+        (["--learning_rate"], "argument --learning_rate/--learning-rate: expected one argument"),
+        (["--peft_method", "ia3"], "argument --peft_method/--peft-method: invalid choice: 'ia3'"),
+    ],
+)
+def test_a_bad_flag_is_one_line_without_the_usage(workspace, capsys, flags, expected):
+    status = main(["unlearn", "--config", str(workspace / "recipe.yaml"), *flags])
+    error = capsys.readouterr().err
+    assert status == 2 and "usage:" not in error and "Traceback" not in error, error
+    lines = error.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gnm unlearn: error: {expected}"), error
+    assert lines[0].endswith("`gnm unlearn --help` lists the options")

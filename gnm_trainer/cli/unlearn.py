@@ -380,7 +380,8 @@ def main(argv: list[str]) -> int:
     config_path = recipe_path(argv)
     if config_path is not None and os.path.isfile(config_path):
         read_yaml_file(config_path, "recipe")  # invalid YAML: one line naming the line, before TrlParser's traceback
-    script_args, training_args, model_args = parse_arguments(argv)
+    with parse_errors_in_one_line():
+        script_args, training_args, model_args = parse_arguments(argv)
     trainer = run_unlearning(script_args, training_args, model_args)
     if not trainer.is_world_process_zero():
         return 0
@@ -390,6 +391,26 @@ def main(argv: list[str]) -> int:
         print(f"gnm unlearn: {collapse_message(guard.events)}", file=sys.stderr)
         return EXIT_COLLAPSED
     return 0
+
+
+@contextlib.contextmanager
+def parse_errors_in_one_line():
+    """While parsing, a flag error (`--max_steps abc`) is a GNMInputError: TrlParser would print its ~90-line usage
+    before the one line that matters."""
+    from trl import TrlParser
+
+    def raise_input_error(parser, message):
+        raise GNMInputError(f"{message}; `gnm unlearn --help` lists the options")
+
+    own = TrlParser.__dict__.get("error")
+    TrlParser.error = raise_input_error
+    try:
+        yield
+    finally:
+        if own is None:
+            del TrlParser.error  # back to argparse's own
+        else:
+            TrlParser.error = own
 
 
 def recipe_path(argv: list[str]) -> str | None:
