@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, check_output_folder
 
 
 @dataclass
@@ -30,6 +30,20 @@ class DemoSettings:
     max_new_tokens: int = 256
     eval_batch_size: int = 32
     quick: bool = False  # a much smaller target (4 documents per split), for the test suite
+
+    def __post_init__(self):
+        """Refuse settings that would fail (or train nothing) only after minutes of work."""
+        import math
+
+        from .errors import GNMInputError
+        from .negatives.schema import require_levels
+
+        require_levels(self.negative_levels)
+        for name in ("max_steps", "per_device_train_batch_size", "lora_r", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise GNMInputError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise GNMInputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
 
     def target_options(self) -> dict:
         if self.quick:
@@ -65,6 +79,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
 
     settings = settings or DemoSettings()
     output_dir = os.path.abspath(settings.output_dir)
+    check_output_folder(output_dir, "output_dir")
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(settings.seed)
     wall_start = time.perf_counter()

@@ -1,10 +1,13 @@
 """`GNMConfig`: the training arguments of `GNMTrainer`."""
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
+from .distributed import has_accelerator
 from .errors import GNMInputError
 from .losses import LOSS_TERMS, TERMS_NEEDING_REFERENCE
 
@@ -19,12 +22,22 @@ DEFAULT_TEXT_TEMPLATE = "{prompt} {completion}"
 PAPER_TEXT_TEMPLATE = "{prompt} >> {completion} is the answer."
 
 
-def accelerator_available() -> bool:
-    """Whether torch sees a GPU (or another accelerator): pinned memory only speeds up copies to one."""
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+def require_number(
+    config, name: str, minimum: float | None = None, above: float | None = None, integer: bool = False
+) -> None:
+    """A GNMInputError naming `name` unless its value is a finite number (an integer with `integer`) >= `minimum`
+    (or > `above`). A recipe's values reach here unconverted, so a list or a string is possible."""
+    value = getattr(config, name, None)
+    if value is None:  # an optional setting left unset (e.g. max_grad_norm)
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = "an integer" if integer else "a number"
+        raise GNMInputError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if minimum is not None and (not math.isfinite(value) or value < minimum):
+        raise GNMInputError(f"{name}: expected a finite number >= {minimum}, got {value}")
+    if above is not None and (not math.isfinite(value) or value <= above):
+        raise GNMInputError(f"{name}: expected a finite number > {above}, got {value}")
 
 
 @dataclass
@@ -176,13 +189,17 @@ class GNMConfig(TrainingArguments):
         default=False, metadata={"help": "Must stay False: the collator needs the tokenised columns."}
     )
     dataloader_pin_memory: bool = field(
-        default_factory=accelerator_available,
+        default_factory=has_accelerator,
         metadata={"help": "Pin memory in data loaders; off by default without a GPU (pinning there only warns)."},
     )
 
     def __post_init__(self):
         if isinstance(self.loss_terms, str):
             self.loss_terms = [term.strip() for term in self.loss_terms.split(",") if term.strip()]
+        if not isinstance(self.loss_terms, (list, tuple)) or not all(isinstance(t, str) for t in self.loss_terms):
+            raise GNMInputError(
+                f"loss_terms: expected a list of term names (some of {list(LOSS_TERMS)}), got {self.loss_terms!r}"
+            )
         self.loss_terms = list(dict.fromkeys(self.loss_terms))
         unknown = [term for term in self.loss_terms if term not in LOSS_TERMS]
         if unknown:
@@ -209,17 +226,14 @@ class GNMConfig(TrainingArguments):
         needs_reference = sorted(TERMS_NEEDING_REFERENCE.intersection(self.loss_terms))
         if self.reference_model == "none" and needs_reference:
             raise GNMInputError(f"reference_model: 'none' but the terms {needs_reference} need a reference model")
-        if self.npo_beta <= 0:
-            raise GNMInputError(f"npo_beta: must be > 0, got {self.npo_beta}")
-        if self.klf_cap is not None and self.klf_cap <= 0:
-            raise GNMInputError(f"klf_cap: must be > 0 or None, got {self.klf_cap}")
-        if self.max_length < 2:
-            raise GNMInputError(f"max_length: must be at least 2, got {self.max_length}")
+        self._check_numbers()
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise GNMInputError(
                 f"max_prompt_length: must be between 1 and max_length - 1 ({self.max_length - 1}), "
                 f"got {self.max_prompt_length}"
             )
+        if not isinstance(self.text_template, str):
+            raise GNMInputError(f"text_template: expected a string, got {self.text_template!r}")
         prompt_at, completion_at = self.text_template.find("{prompt}"), self.text_template.find("{completion}")
         if prompt_at < 0 or completion_at < 0 or completion_at < prompt_at:
             raise GNMInputError(
@@ -231,6 +245,28 @@ class GNMConfig(TrainingArguments):
 
         apply_cpu_launch_defaults(self)  # a multi-process launch without GPUs needs use_cpu (DDP) or gloo (DeepSpeed)
         super().__post_init__()
+
+    def _check_numbers(self) -> None:
+        """Every number in range and finite (a NaN passes `x <= 0` checks and trains garbage)."""
+        for name in [f"{term}_weight" for term in self.loss_terms] + ["weight_decay", "max_grad_norm", "warmup_ratio"]:
+            require_number(self, name, minimum=0)
+        for name in ("learning_rate", "npo_beta", "collapse_retain_nll_ratio"):
+            require_number(self, name, above=0)
+        require_number(self, "collapse_min_retain_nll_increase", minimum=0)
+        if self.klf_cap is not None:
+            require_number(self, "klf_cap", above=0)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window"):
+            require_number(self, name, minimum=1, integer=True)
+        require_number(self, "max_length", minimum=2, integer=True)
+        require_number(self, "max_prompt_length", minimum=1, integer=True)
+        require_number(self, "max_steps", integer=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise GNMInputError(
+                f"max_steps: {self.max_steps} would train nothing; expected a number of steps >= 1 "
+                "(or -1 to train for num_train_epochs)"
+            )
+        if self.max_steps == -1:
+            require_number(self, "num_train_epochs", above=0)
 
     @property
     def loss_weights(self) -> dict[str, float]:

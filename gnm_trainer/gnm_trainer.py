@@ -23,7 +23,15 @@ from .data.collator import GNMDataCollator, select_negatives, tokenize_examples,
 from .data.loading import load_unlearning_data
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
-from .modeling import adalora_checkpoint, is_adalora, is_peft_model, load_checkpoint_weights, save_merged, train_adapter
+from .model_loading import from_pretrained
+from .modeling import (
+    adalora_checkpoint,
+    is_adalora,
+    is_peft_model,
+    load_checkpoint_weights,
+    save_merged,
+    train_adapter,
+)
 from .reference import (
     add_reference_adapter,
     frozen_copy,
@@ -246,15 +254,12 @@ class GNMTrainer(Trainer):
         dtype = init_kwargs.get("dtype")
         if isinstance(dtype, str) and dtype != "auto":
             init_kwargs["dtype"] = getattr(torch, dtype)
-        try:
-            return AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
-        except OSError as error:
-            raise GNMInputError(f"model: cannot load {model!r} ({error})") from error
+        return from_pretrained(AutoModelForCausalLM, model, "model", **init_kwargs)  # one-line errors, absolute path
 
     @staticmethod
     def _load_tokenizer(processing_class, model):
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = from_pretrained(AutoTokenizer, model.config._name_or_path, "tokenizer")
         if processing_class.pad_token_id is None:
             if processing_class.eos_token_id is None:
                 raise GNMInputError(
@@ -308,7 +313,10 @@ class GNMTrainer(Trainer):
             peft_config = dataclasses.replace(peft_config, total_step=total_step)
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        return get_peft_model(model, peft_config)
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as error:  # PEFT's NoMatchingPeftModuleError and config checks: a wrong setting
+            raise GNMInputError(f"peft_config: {error}") from error
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -503,15 +511,15 @@ class GNMTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self.write_manifest(output_dir)
         if saves_sharded_only(self):
             # FSDP with a sharded state dict would leave no loadable weights in the output folder.
             save_full_weights(self, output_dir)
         elif not (self.args.merge_adapters and is_peft_model(unwrapped)):
-            super().save_model(output_dir, _internal_call=True)  # internal: the push (if any) comes after the card
+            super().save_model(output_dir, _internal_call=True)  # internal: the upload waits for manifest and card
         elif self.args.should_save:
             save_merged(unwrapped, self.processing_class, output_dir)
+        if self.args.should_save:  # after the weights: a failed write here must not cost the trained model
+            self.write_manifest(output_dir)
         self.create_model_card(output_dir=output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:

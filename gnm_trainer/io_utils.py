@@ -110,8 +110,69 @@ def read_json_file(path: str, what: str) -> Any:
 
     if not os.path.isfile(path):
         raise GNMInputError(f"{path}: {what} not found")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as error:
+        raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+
+
+def decode_utf8(data: bytes, path: str, line_number: int | None = None) -> str:
+    """`data` (the file `path`, or its line `line_number`) as UTF-8 text; otherwise a GNMInputError naming the
+    file, the line and the offending byte."""
+    from .errors import GNMInputError
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if line_number is None:
+            line_number = data.count(b"\n", 0, error.start) + 1
+        raise GNMInputError(
+            f"{path}, line {line_number}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from error
+
+
+def read_text_file(path: str) -> str:
+    """The whole of a UTF-8 text file (the error for other encodings names the line)."""
+    with open(path, "rb") as handle:
+        return decode_utf8(handle.read(), path)
+
+
+def read_yaml_file(path: str, what: str) -> Any:
+    """Parse a YAML file; invalid YAML or non-UTF-8 text is a GNMInputError naming the file, line and column."""
+    import yaml
+
+    from .errors import GNMInputError, one_line
+
+    if not os.path.isfile(path):
+        raise GNMInputError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(read_text_file(path))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or error
+        raise GNMInputError(f"{path}{at}: invalid YAML in the {what} ({one_line(problem)})") from error
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "output_dir") -> None:
+    """Check, before any work starts, that `path` is (or can become) a writable folder, creating nothing.
+
+    A file at `path` (or above it) is a GNMInputError; a folder that cannot be written (read-only file system, no
+    permission) is an OSError naming the folder.
+    """
+    from .errors import GNMInputError
+
+    path = os.path.abspath(os.fspath(path))
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == path else f" ({existing} is a file, so no folder can be made below it)"
+        raise GNMInputError(f"{option}: {path} is not a folder{where}; expected a folder to write into")
+    probe = _sibling_name(os.path.join(existing, "write-check"), "probe")
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise OSError(error.errno, f"{option} cannot be written here ({error.strerror})", existing) from error
+    os.remove(probe)

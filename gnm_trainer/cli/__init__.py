@@ -11,7 +11,15 @@ import os
 import sys
 import warnings
 
-from ..errors import GNMInputError
+from ..errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_INPUT,
+    GNMInputError,
+    describe_os_error,
+    describe_out_of_memory,
+    is_out_of_memory,
+    one_line,
+)
 from .options import GNMArgumentParser, read_recipe, recipe_path
 
 # Sub-commands parsed with argparse: name -> module in this package (`unlearn` is parsed by TrlParser).
@@ -146,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "unlearn":
             from .unlearn import main as unlearn_main
 
-            unlearn_main(argv[1:])
-            return 0
+            return int(unlearn_main(argv[1:]) or 0)
         parser, subparsers = _build_argparse_parser()
         if argv[0] in subparsers.choices:
             apply_recipe(subparsers.choices[argv[0]], argv)
@@ -155,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
         return int(result or 0)
     except GNMInputError as error:
-        print(f"gnm {argv[0]}: error: {error}", file=sys.stderr)
-        return 2
+        print(f"gnm {argv[0]}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as error:  # the file system or the network, not the code: one line naming the path
+        print(f"gnm {argv[0]}: error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except RuntimeError as error:  # torch.OutOfMemoryError is the machine's limit; other RuntimeErrors are bugs
+        if not is_out_of_memory(error):
+            raise
+        print(f"gnm {argv[0]}: error: {describe_out_of_memory(error)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print(f"gnm {argv[0]}: interrupted", file=sys.stderr)
         return 130

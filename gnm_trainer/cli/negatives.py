@@ -24,8 +24,9 @@ file; --overwrite starts again. Both <stem>.jsonl and <stem>.parquet are written
 def _text_or_file(value: str | None) -> str | None:
     """The content of a file when `value` names one, else `value` itself."""
     if value is not None and os.path.isfile(value):
-        with open(value, encoding="utf-8") as handle:
-            return handle.read()
+        from ..io_utils import read_text_file
+
+        return read_text_file(value)  # not UTF-8: one line naming the file and line
     return value
 
 

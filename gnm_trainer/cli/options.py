@@ -67,13 +67,9 @@ def recipe_path(argv: list[str]) -> str | None:
 
 def read_recipe(path: str) -> dict[str, Any]:
     """A recipe file as a mapping with underscore keys (see `normalise_recipe_keys`)."""
-    import yaml
+    from ..io_utils import read_yaml_file
 
-    with open(path, encoding="utf-8") as handle:
-        try:
-            recipe = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise GNMInputError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from error
+    recipe = read_yaml_file(path, "recipe") or {}
     if not isinstance(recipe, dict):
         raise GNMInputError(f"{path}: a recipe must be a YAML mapping of option names to values")
     return normalise_recipe_keys(recipe, path)

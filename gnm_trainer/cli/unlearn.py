@@ -11,10 +11,20 @@ Examples:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m gnm_trainer.cli unlearn --config ...
 """
 
+import contextlib
+import json
+import logging
 import os
+import re
+import shutil
+import sys
+import zipfile
 from dataclasses import dataclass, field
 
-from ..errors import GNMInputError
+from ..errors import EXIT_COLLAPSED, GNMInputError, one_line
+from ..io_utils import check_output_folder, read_yaml_file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +107,10 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
 
     if not model_args.use_peft:
         return None
+    target = model_args.lora_target_modules
+    if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
+        # TRL turns one `--lora_target_modules q_proj` into a string, which PEFT reads as a regex of the full name
+        model_args.lora_target_modules = [target]
     if script_args.peft_method == "lora":
         return get_peft_config(model_args)
     from peft import AdaLoraConfig
@@ -152,12 +166,117 @@ def model_init_kwargs(model_args) -> dict:
     return kwargs
 
 
-def run_unlearning(script_args, training_args, model_args):
-    """Load, train (resuming from the last checkpoint when there is one), save; returns the trainer."""
-    from transformers.trainer_utils import get_last_checkpoint
+def check_hub_access(training_args) -> None:
+    """With `push_to_hub`, reach the Hub (creating the repository, as the Trainer would) before any work starts:
+    an OSError naming the repository when the Hub is offline, unreachable or refuses the token."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import HfApi
 
-    from ..data.loading import load_unlearning_data
-    from ..gnm_trainer import GNMTrainer
+    from ..hub import redact
+
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    failure = None
+    try:
+        HfApi(token=training_args.hub_token).create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
+    except Exception as error:  # offline mode, network, authentication: the Hub client raises many types
+        failure = f"{type(error).__name__}: {one_line(error)}"
+    if failure is not None:  # raised outside `except`, so the original error (which may quote the token) is not chained
+        raise OSError(
+            redact(f"push_to_hub: cannot reach the Hugging Face Hub repository {repo_id} ({failure}); "
+                   "check the network and `huggingface-cli login`, or train without --push_to_hub and upload later",
+                   training_args.hub_token)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a half-written save), or None when it looks complete."""
+    state = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json"
+    try:
+        with open(state, encoding="utf-8") as handle:
+            json.load(handle)
+    except (ValueError, OSError) as error:
+        return f"unreadable trainer_state.json ({type(error).__name__})"
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if name.endswith(".safetensors") and not safetensors_complete(path):
+            return f"truncated {name}"
+        if name.endswith((".bin", ".pt", ".pth")) and not zipfile.is_zipfile(path):
+            return f"truncated {name}"
+    return None
+
+
+def safetensors_complete(path: str) -> bool:
+    """Whether a .safetensors file holds its whole header and every tensor the header announces."""
+    import struct
+
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + header_length > size:
+                return False
+            header = json.loads(handle.read(header_length))
+    except (ValueError, OSError, struct.error):
+        return False
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return 8 + header_length + max(ends, default=0) <= size
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was saved whole; newer half-written ones are skipped with
+    one log line naming them. None when there is none (training starts from the beginning)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    skipped = []
+    for _, name in reversed(steps):
+        problem = checkpoint_problem(os.path.join(output_dir, name))
+        if problem is None:
+            if skipped:
+                logger.warning("Skipping incomplete %s; resuming from %s.", "; ".join(skipped), name)
+            return os.path.join(output_dir, name)
+        skipped.append(f"{name} ({problem})")
+    if skipped:
+        logger.warning(
+            "Skipping incomplete %s; no complete checkpoint left, training from the start.", "; ".join(skipped)
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_to_resume(training_args) -> str | None:
+    """`resume_from_checkpoint`, else the last complete checkpoint in output_dir; none when output_dir holds a
+    finished run that `--overwrite_output true` replaces (its checkpoints belong to that run)."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if finished_run_files(training_args.output_dir):
+        logger.warning("Replacing the finished run in %s: training from the start, not from its checkpoints.",
+                       training_args.output_dir)
+        return None
+    return last_complete_checkpoint(training_args.output_dir)
+
+
+def check_run(script_args, training_args, model_args) -> str:
+    """Every check that needs no model or data, before any work starts; returns the data source."""
+    from ..data.loading import refuse_single_file
 
     if model_args.model_name_or_path is None:
         raise GNMInputError("model_name_or_path: required (a local model folder or a Hub id)")
@@ -166,7 +285,64 @@ def run_unlearning(script_args, training_args, model_args):
         raise GNMInputError("data_dir / dataset_name: one of them is required")
     if script_args.data_dir and script_args.dataset_name:
         raise GNMInputError("data_dir and dataset_name: give only one")
+    refuse_single_file(script_args.data_dir, "data_dir")  # it would be both the forget and the retain set
+    check_output_folder(training_args.output_dir, "output_dir")
     refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
+    check_hub_access(training_args)
+    asked = training_args.resume_from_checkpoint
+    if asked:
+        problem = checkpoint_problem(asked) if os.path.isdir(asked) else "no such folder"
+        if problem is not None:
+            raise GNMInputError(f"resume_from_checkpoint: cannot resume from {asked} ({problem})")
+    return source
+
+
+REPLACED_RUN_DIR = ".replaced-run"
+
+
+@contextlib.contextmanager
+def replaced_run_kept(trainer, output_dir: str):
+    """While a new model is saved over a finished run (`--overwrite_output true`), keep the old run's files aside
+    and put them back if the save fails, so that a failed save never leaves a half-overwritten model."""
+    keep = os.path.join(output_dir, REPLACED_RUN_DIR)
+    moved = []
+    if trainer.is_world_process_zero() and finished_run_files(output_dir):
+        os.makedirs(keep, exist_ok=True)
+        for name in sorted(os.listdir(output_dir)):
+            if not name.startswith(".") and os.path.isfile(os.path.join(output_dir, name)):
+                os.replace(os.path.join(output_dir, name), os.path.join(keep, name))
+                moved.append(name)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        yield
+    except BaseException:
+        for name in moved:
+            os.replace(os.path.join(keep, name), os.path.join(output_dir, name))
+        raise
+    finally:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(keep, ignore_errors=True)
+
+
+def save_run(trainer, result) -> None:
+    """The model first (with its manifest; uploaded with `push_to_hub`), then the card, metrics and state: a
+    write that fails later never costs the trained model, and a failed save over a finished run leaves that run."""
+    output_dir = trainer.args.output_dir
+    with replaced_run_kept(trainer, output_dir):
+        trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        trainer.create_model_card()
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+
+
+def run_unlearning(script_args, training_args, model_args):
+    """Check, load, train (from `resume_from_checkpoint`, else from the last complete checkpoint in output_dir when
+    there is one), save; returns the trainer."""
+    from ..data.loading import load_unlearning_data
+    from ..gnm_trainer import GNMTrainer
+
+    source = check_run(script_args, training_args, model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args)
     forget = load_unlearning_data(source, "forget", script_args.data_partition)
     needs_retain = {"gd", "klr", "rm"}.intersection(training_args.loss_terms)
@@ -179,14 +355,78 @@ def run_unlearning(script_args, training_args, model_args):
         negative_dataset=script_args.negatives_path,
         peft_config=build_peft_config(script_args, model_args),
     )
-    last_checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    result = trainer.train(resume_from_checkpoint=last_checkpoint)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    trainer.save_model(training_args.output_dir)  # also uploads, with our model card, when --push_to_hub is set
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    save_run(trainer, result)
     return trainer
 
 
-def main(argv: list[str]) -> None:
-    script_args, training_args, model_args = parse_arguments(argv)
-    run_unlearning(script_args, training_args, model_args)
+def saved_files_block(output_dir: str) -> str:
+    """Where the run's model, manifest and card are, for the end of `gnm unlearn`."""
+    from ..manifest import MANIFEST_FILE
+    from ..model_card import CARD_FILE
+
+    model = "adapter" if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) else "model"
+    return (
+        f"saved {model:<8} {output_dir}\n"
+        f"      manifest {os.path.join(output_dir, MANIFEST_FILE)}\n"
+        f"      card     {os.path.join(output_dir, CARD_FILE)}"
+    )
+
+
+def collapse_message(events: list[dict]) -> str:
+    """One line for the collapse guard's stop (the last event)."""
+    event = events[-1]
+    threshold = "" if event.get("threshold") is None else f" > threshold {event['threshold']:.4g}"
+    # The action reads "stopped", "stopped; no checkpoint ..." or "rolled back to ...".
+    detail = event["action"].removeprefix("stopped").lstrip("; ")
+    stopped = f"training stopped ({detail})" if detail else "training stopped"
+    return (
+        f"collapse guard: {event['metric']} = {event['value']:.4g}{threshold} after {event['step']} steps; {stopped}; "
+        "the model saved is the one kept, and gnm_manifest.json records the event"
+    )
+
+
+def main(argv: list[str]) -> int:
+    """`gnm unlearn`; returns the exit status (EXIT_COLLAPSED when the collapse guard stopped training)."""
+    config_path = recipe_path(argv)
+    if config_path is not None and os.path.isfile(config_path):
+        read_yaml_file(config_path, "recipe")  # invalid YAML: one line naming the line, before TrlParser's traceback
+    with parse_errors_in_one_line():
+        script_args, training_args, model_args = parse_arguments(argv)
+    trainer = run_unlearning(script_args, training_args, model_args)
+    if not trainer.is_world_process_zero():
+        return 0
+    print(saved_files_block(training_args.output_dir))
+    guard = trainer.collapse_guard
+    if guard is not None and guard.events:  # after the progress bar has closed, on a line of its own
+        print(f"gnm unlearn: {collapse_message(guard.events)}", file=sys.stderr)
+        return EXIT_COLLAPSED
+    return 0
+
+
+@contextlib.contextmanager
+def parse_errors_in_one_line():
+    """While parsing, a flag error (`--max_steps abc`) is a GNMInputError: TrlParser would print its ~90-line usage
+    before the one line that matters."""
+    from trl import TrlParser
+
+    def raise_input_error(parser, message):
+        raise GNMInputError(f"{message}; `gnm unlearn --help` lists the options")
+
+    own = TrlParser.__dict__.get("error")
+    TrlParser.error = raise_input_error
+    try:
+        yield
+    finally:
+        if own is None:
+            del TrlParser.error  # back to argparse's own
+        else:
+            TrlParser.error = own
+
+
+def recipe_path(argv: list[str]) -> str | None:
+    """The file given to `--config`, if any."""
+    if "--config" not in argv:
+        return None
+    position = argv.index("--config") + 1
+    return argv[position] if position < len(argv) else None

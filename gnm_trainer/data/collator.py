@@ -96,7 +96,7 @@ def tokenize_examples(
     Rows whose prompt leaves no room for a single completion token are an error listing them, rather than silently
     contributing a zero loss.
     """
-    examples, too_long = [], []
+    examples, too_long, cut_tokens = [], [], []
     for index, row in enumerate(rows):
         prompt_ids = tokenize_prompt(tokenizer, render_prompt(row["prompt"], template, row["chat"]), row["chat"])
         completion_ids = tokenize_completion(
@@ -104,8 +104,11 @@ def tokenize_examples(
         )
         if not completion_ids:
             raise GNMInputError(f"{name}, row {index} (id {row['id']!r}), field 'completion': tokenises to no token")
-        if completion_room(prompt_ids, max_length, max_prompt_length) < 1:
+        room = completion_room(prompt_ids, max_length, max_prompt_length)
+        if room < 1:
             too_long.append((index, row["id"], len(prompt_ids)))
+        elif len(completion_ids) > room:
+            cut_tokens.append(len(completion_ids) - room)
         examples.append({
             "id": row["id"], "pair_index": index, "prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids,
             "length": min(max_length, len(prompt_ids) + len(completion_ids)),
@@ -117,6 +120,14 @@ def tokenize_examples(
             f"{name}: {len(too_long)} prompt(s) leave no room for the completion within max_length={max_length} "
             f"(their completions would be truncated to zero tokens): {listed}{more}. Raise max_length or set "
             "max_prompt_length to cut prompts from the left"
+        )
+    if cut_tokens:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d completions are cut to fit max_length=%d (%d tokens dropped in all, at most %d in one row); "
+            "raise max_length to train on them whole.", name, len(cut_tokens), len(examples), max_length,
+            sum(cut_tokens), max(cut_tokens),
         )
     return examples
 

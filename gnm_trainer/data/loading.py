@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import GNMInputError, where
+from ..io_utils import decode_utf8, read_text_file
 
 NORMALISED_COLUMNS = ("id", "prompt", "completion", "task", "kind", "chat")
 SPLITS = ("forget", "retain")
@@ -84,17 +85,17 @@ def read_records(path: str) -> list[dict[str, Any]]:
         except Exception as error:  # pyarrow raises several types for a corrupt file
             raise GNMInputError(f"{path}: not a readable parquet file ({error})") from error
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise GNMInputError(f"{path}: invalid JSON ({error})") from error
+        try:
+            data = json.loads(read_text_file(path))
+        except json.JSONDecodeError as error:
+            raise GNMInputError(f"{path}: invalid JSON ({error})") from error
         if not isinstance(data, list):
             raise GNMInputError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
         return data
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            line = decode_utf8(raw_line, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -305,8 +306,19 @@ def _load_hub_dataset(dataset_id: str, split: str, partition: str, tokenizer):
     return to_dataset(normalise_rows(selected, f"{dataset_id}[{split}]", split, tokenizer))
 
 
+def refuse_single_file(source, option: str | None = None) -> None:
+    """A source of both sets must not be one file: it would silently become both the forget and the retain set."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        name = f"{option}: {os.fspath(source)}" if option else os.fspath(source)
+        raise GNMInputError(
+            f"{name} is a single file, which cannot hold both sets; expected a folder holding a forget and a retain "
+            "file (forget.jsonl and retain.jsonl, or LUME's names)"
+        )
+
+
 def load_unlearning_splits(source, partition: str = "train", tokenizer=None):
     """Both sets of a source that holds them (folder, Hub id, `DatasetDict`): returns `(forget, retain)`."""
+    refuse_single_file(source)
     forget = load_unlearning_data(source, "forget", partition, tokenizer)
     retain = load_unlearning_data(source, "retain", partition, tokenizer)
     return forget, retain

@@ -34,7 +34,7 @@ from typing import Any
 from ..data import load_unlearning_data, load_unlearning_splits, read_records
 from ..data.collator import render_prompt, split_template
 from ..errors import GNMInputError, where
-from ..io_utils import atomic_write_json, atomic_write_jsonl, read_json_file
+from ..io_utils import atomic_write_json, atomic_write_jsonl, check_output_folder, read_json_file
 from .generation import document_nll, generate_greedy
 from .semeval import score_example, semeval_results
 
@@ -350,27 +350,10 @@ def load_model_and_tokenizer(model_path: str, dtype: str = DEFAULT_DTYPE):
     `dtype` is one of `DTYPES`: "auto" keeps the checkpoint's dtype; the organisers load bf16, our default is float32
     (see the module docstring).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..model_loading import load_model_and_tokenizer as load_model_files
 
     device = _partial_state().device
-    dtype = torch_dtype(dtype)
-    adapter_config = os.path.join(model_path, "adapter_config.json")
-    try:
-        if os.path.isfile(adapter_config):
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    except OSError as error:
-        raise GNMInputError(f"{model_path}: could not load a causal language model ({error})") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as error:
-        base = getattr(getattr(model, "peft_config", {}).get("default"), "base_model_name_or_path", None)
-        if base is None:
-            raise GNMInputError(f"{model_path}: could not load its tokenizer ({error})") from error
-        tokenizer = AutoTokenizer.from_pretrained(base)
+    model, tokenizer = load_model_files(model_path, dtype=torch_dtype(dtype))  # one-line errors for a bad folder
     return model.to(device), tokenizer
 
 
@@ -403,6 +386,7 @@ def evaluate_path(
     the organisers' setting, which the leaderboard's numbers come from); `text_template` and `show_progress` as in
     `evaluate_model`.
     """
+    check_output_folder(output_dir, "output_dir")
     mmlu = resolve_mmlu_score(mmlu_score)
     baseline = _read_results(baseline_results) if baseline_results else None
     prompt_format(text_template), torch_dtype(dtype)  # checked before anything is loaded

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from ..errors import GNMInputError
-from ..io_utils import atomic_write_jsonl
+from ..io_utils import atomic_write_jsonl, check_output_folder, decode_utf8
 from .llm import (
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_TEMPLATE,
@@ -72,13 +72,25 @@ class _Processes:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _read_partial_text(path: str) -> str:
+    """The partial file as text; a crash may have cut its last line inside a UTF-8 character (that line is dropped,
+    like any cut-short last line), while a bad byte in a finished line is an error naming it."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    cut = data.rfind(b"\n") + 1
+    try:
+        tail = data[cut:].decode("utf-8")
+    except UnicodeDecodeError:
+        tail = ""
+    return decode_utf8(data[:cut], path) + tail
+
+
 def _read_partial(path: str, levels: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(provenance header, rows of the forget ids whose K levels are all there). A last line cut short by a crash is
     ignored, and so are the rows of an id whose chunk was not finished; anything else unreadable is an error."""
     if not os.path.isfile(path):
         return None, []
-    with open(path, encoding="utf-8") as handle:
-        content = handle.read()
+    content = _read_partial_text(path)
     lines = content.split("\n")
     records = []
     for number, line in enumerate(lines, start=1):
@@ -203,6 +215,7 @@ def build_negatives(
     if backend not in BACKENDS:
         raise GNMInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     require_levels(levels)
+    check_output_folder(os.path.dirname(os.path.abspath(os.fspath(output))), "output")
     forget = as_rows(forget_rows, "forget")
     retain = as_rows(retain_rows, "retain") if retain_rows is not None else []
     processes = _Processes()

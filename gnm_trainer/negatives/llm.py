@@ -236,15 +236,12 @@ def load_generator(model, tokenizer=None, device=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model)
-            dtype = torch.float32 if device is None or str(device) == "cpu" else "auto"
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        except OSError as error:
-            raise GNMInputError(
-                f"generator {name}: cannot load it as a local model folder or Hub id ({error})"
-            ) from error
+        from ..model_loading import from_pretrained
+
+        if tokenizer is None:
+            tokenizer = from_pretrained(AutoTokenizer, model, "generator tokenizer")  # one-line errors
+        dtype = torch.float32 if device is None or str(device) == "cpu" else "auto"
+        model = from_pretrained(AutoModelForCausalLM, model, "generator", dtype=dtype)
     elif tokenizer is None:
         raise GNMInputError("generator: pass its tokenizer along with a model object (or give a path / Hub id)")
     elif isinstance(tokenizer, str):

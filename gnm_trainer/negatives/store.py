@@ -81,6 +81,10 @@ def validate_negative_rows(
                 raise GNMInputError(
                     f"{where(source, index, name)}: expected {kind.__name__}, got {type(value).__name__} ({value!r})"
                 )
+        if not row["completion"].strip():
+            raise GNMInputError(
+                f"{where(source, index, 'completion')}: is empty; expected a non-empty negative completion"
+            )
         if row["level"] < 1:
             raise GNMInputError(f"{where(source, index, 'level')}: expected a level >= 1, got {row['level']}")
         if "backend" in row and row["backend"] not in BACKENDS:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from ..data.synthetic import write_lume_folder
 from ..errors import GNMInputError
-from ..io_utils import atomic_directory, atomic_write_json
+from ..io_utils import atomic_directory, atomic_write_json, check_output_folder
 from .config import (
     DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, TARGET_FORMAT_VERSION, TARGET_INFO_FILE, TargetConfig,
     default_target_dir,
@@ -131,6 +131,7 @@ def make_target(
         tasks=tuple(sorted(tasks)) if tasks else None,
     )
     output_dir = os.path.abspath(output_dir or default_target_dir())
+    check_output_folder(output_dir, "output_dir")  # a file there would be replaced
     dataset = select_documents(load_target_data(data, seed), max_documents_per_split, config.tasks, seed)
     fingerprint = data_fingerprint(dataset, config)
     info = read_target_info(output_dir)

@@ -52,8 +52,8 @@ class TargetConfig:
                 raise GNMInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise GNMInputError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
-        if self.learning_rate <= 0:
-            raise GNMInputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):  # a NaN fails `> 0`
+            raise GNMInputError(f"learning_rate must be a finite positive number, got {self.learning_rate}")
         if self.max_documents_per_split is not None and self.max_documents_per_split < 1:
             raise GNMInputError(f"max_documents_per_split must be >= 1, got {self.max_documents_per_split}")
         unknown = sorted(set(self.tasks or ()) - {"Task1", "Task2", "Task3"})
