@@ -4,25 +4,25 @@ import argparse
 
 EXAMPLES = """examples:
   # forget/retain train partition of a LUME folder, with the membership attack
-  gnm evaluate --model out/unlearned --data data/lume --mia-data data/lume/mia --output-dir out/eval
+  gnm evaluate --model out/unlearned --data data/lume --mia_data data/lume/mia --output_dir out/eval
 
   # validation partition, MMLU taken from an earlier run, report compared with the model before unlearning
   gnm evaluate --model out/unlearned --data data/lume --partition validation \\
-      --mmlu-score mmlu.json --baseline-results out/eval-target/evaluation_results.json
+      --mmlu_score mmlu.json --baseline_results out/eval-target/evaluation_results.json
 
   # the leaderboard's setting: bf16, one example at a time, as the organisers' script runs
-  gnm evaluate --model out/unlearned --data data/lume --dtype bfloat16 --batch-size 1
+  gnm evaluate --model out/unlearned --data data/lume --dtype bfloat16 --batch_size 1
 
   # a model trained with the paper's template, prompted in that format (a diagnostic, not the official score)
-  gnm evaluate --model out/paper --data data/lume --text-template "{prompt} >> {completion} is the answer."
+  gnm evaluate --model out/paper --data data/lume --text_template "{prompt} >> {completion} is the answer."
 
   # several GPUs: each process scores a shard, the main process writes the files
   accelerate launch --multi_gpu --num_processes 4 "$(which gnm)" evaluate --model out/unlearned --data data/lume
 
 Writes evaluation_results.json (the official keys, plus the settings used), per_example.jsonl, report.md and
-plot.png into --output-dir. The model is loaded in float32 by default: batched and one-at-a-time generation then
+plot.png into --output_dir. The model is loaded in float32 by default: batched and one-at-a-time generation then
 give the same tokens. The organisers loaded bf16 and generated one example at a time (--dtype bfloat16
---batch-size 1 reproduces the leaderboard's numbers); batched bf16 generation can differ from one-at-a-time bf16.
+--batch_size 1 reproduces the leaderboard's numbers); batched bf16 generation can differ from one-at-a-time bf16.
 Without MIA documents or an MMLU score the final score is the mean of the terms available, and the results say which.
 """
 
@@ -40,25 +40,25 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="a folder holding the forget and retain files (LUME layout)")
     p.add_argument("--partition", choices=("train", "validation"), default="train",
                    help="which LUME partition to read (default: train)")
-    p.add_argument("--mia-data", default=None,
+    p.add_argument("--mia_data", default=None,
                    help="folder with member.jsonl and nonmember.jsonl (or mia/ holding them); rows need 'document'")
-    p.add_argument("--mmlu-score", default=None,
+    p.add_argument("--mmlu_score", default=None,
                    help="an MMLU average (0..1), or a JSON file holding 'mmlu_average' (or 'average_acc')")
-    p.add_argument("--run-mmlu", action="store_true",
-                   help="run MMLU with lm_eval when it is installed and no --mmlu-score is given")
-    p.add_argument("--baseline-results", default=None,
+    p.add_argument("--run_mmlu", action="store_true",
+                   help="run MMLU with lm_eval when it is installed and no --mmlu_score is given")
+    p.add_argument("--baseline_results", default=None,
                    help="an earlier evaluation_results.json to show as 'before' in the report")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts/documents per forward pass (default: 16)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens generated per prompt (default: 256)")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts/documents per forward pass (default: 16)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="greedy tokens generated per prompt (default: 256)")
     # The choices are checked by the evaluation (DTYPES), which this parser does not import: `gnm --help` stays light.
     p.add_argument("--dtype", default="float32",
                    help="precision the model is loaded in: float32 (default; batch-invariant), bfloat16 (the "
-                   "organisers', with --batch-size 1), float16, or auto (the checkpoint's)")
-    p.add_argument("--text-template", default=None,
+                   "organisers', with --batch_size 1), float16, or auto (the checkpoint's)")
+    p.add_argument("--text_template", default=None,
                    help="the training text template (GNMConfig.text_template): prompt with its prompt side and score "
                    "without its closing text (default: raw prompts, the official format; MIA documents stay raw)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars during generation and MIA")
-    p.add_argument("--output-dir", default="evaluation", help="where to write the results (default: ./evaluation)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars during generation and MIA")
+    p.add_argument("--output_dir", default="evaluation", help="where to write the results (default: ./evaluation)")
     p.set_defaults(func=run)
 
 
@@ -68,7 +68,7 @@ def run(args) -> int:
     from ..evaluation.evaluator import is_main_process
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise GNMInputError("--batch-size and --max-new-tokens must be at least 1")
+        raise GNMInputError("--batch_size and --max_new_tokens must be at least 1")
     results = evaluate_path(
         args.model, args.data, args.output_dir, mia_dir=args.mia_data, mmlu_score=args.mmlu_score,
         partition=args.partition, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
