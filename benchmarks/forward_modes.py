@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from speed import peak_rss_mib  # VmHWM: this process's own peak (benchmarks/ is this script's folder)
+from speedbench.memory import peak_rss_mib  # VmHWM: this process's own peak (benchmarks/ is this script's folder)
 
 
 def run_mode(forward_passes: str, steps: int, batch_size: int, hidden_size: int, num_layers: int) -> dict:
