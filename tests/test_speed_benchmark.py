@@ -26,7 +26,7 @@ from speedbench.training import packed_rows, read_logits, real_sequences  # noqa
 FIGURES = {
     "a": ("gnm_seconds_per_example", "padded_seconds_per_example", "published_seconds_per_example",
           "published_speedup", "padded_published_speedup", "packing_speedup"),
-    "b": ("gnm_step_seconds", "floor_step_seconds", "overhead_ratio"),
+    "b": ("gnm_step_seconds", "floor_step_seconds", "overhead_ratio", "published_speedup_at_floor"),
     "c": ("klr_over_no_reference", "copy_over_klr"),
     "d": ("batched_seconds", "one_by_one_seconds", "speedup", "generation_speedup", "nll_speedup"),
     "e": ("batched_seconds", "sequential_seconds", "speedup"),
