@@ -1,7 +1,9 @@
-"""One forward pass for all groups vs one forward per group: time per GNMTrainer step and peak memory.
+"""The layouts of a GNMTrainer step: time per step and peak memory.
 
-Each mode runs in its own subprocess so that the operating system's peak-memory figure (VmHWM) belongs to it
-alone. Prints a table and the ratios.
+The padded step's `forward_passes` (one forward pass for all groups padded to the longest, one per group, or `auto`)
+against the packed step (`padding_free=True`: every sequence end to end, no padding). Each mode runs in its own
+subprocess so that the operating system's peak-memory figure (VmHWM) belongs to it alone. Prints a table and the
+ratios; the packed mode is left out, with a line, where the library has no `padding_free`.
 
     python benchmarks/forward_modes.py [--steps 8] [--batch-size 4] [--hidden-size 256] [--num-layers 4]
 """
@@ -12,10 +14,13 @@ import subprocess
 import sys
 import time
 
-from speed import peak_rss_mib  # VmHWM: this process's own peak (benchmarks/ is this script's folder)
+from speedbench.common import padding_options, supports_padding_free  # benchmarks/ is this script's folder
+from speedbench.memory import peak_rss_mib  # VmHWM: this process's own peak
+
+MODES = ("one", "per_group", "auto", "packed")  # the padded step's forward_passes, then the packed step
 
 
-def run_mode(forward_passes: str, steps: int, batch_size: int, hidden_size: int, num_layers: int) -> dict:
+def run_mode(mode: str, steps: int, batch_size: int, hidden_size: int, num_layers: int) -> dict:
     import torch
     from peft import LoraConfig
 
@@ -35,7 +40,8 @@ def run_mode(forward_passes: str, steps: int, batch_size: int, hidden_size: int,
     args = GNMConfig(
         output_dir="/tmp/gnm-forward-modes",
         loss_terms=["ga", "gd", "klr", "rm", "gnm"],
-        forward_passes=forward_passes,
+        forward_passes="auto" if mode == "packed" else mode,
+        **padding_options(mode == "packed"),
         per_device_train_batch_size=batch_size,
         max_steps=steps + 2,
         logging_steps=1000,
@@ -61,7 +67,7 @@ def run_mode(forward_passes: str, steps: int, batch_size: int, hidden_size: int,
     trainer.train()
     measured = sorted(timings[2:])  # the first two steps warm up
     return {
-        "forward_passes": forward_passes,
+        "mode": mode,
         "median_step_s": measured[len(measured) // 2],
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -73,14 +79,17 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--mode", choices=["one", "per_group", "auto"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = (args.steps, args.batch_size, args.hidden_size, args.num_layers)
     if args.mode:
         print(json.dumps(run_mode(args.mode, *settings)))
         return
     results = {}
-    for mode in ("one", "per_group", "auto"):
+    modes = MODES if supports_padding_free() else MODES[:-1]
+    if not supports_padding_free():
+        print("packed: not run (this gnm_trainer has no GNMConfig.padding_free)")
+    for mode in modes:
         command = [sys.executable, __file__, "--mode", mode] + [
             f"--{name}={value}" for name, value in zip(("steps", "batch-size", "hidden-size", "num-layers"), settings)
         ]
@@ -89,7 +98,7 @@ def main():
     print(f"{'mode':<14}{'median step (s)':>18}{'peak RSS (MiB)':>18}")
     for mode, result in results.items():
         print(f"{mode:<14}{result['median_step_s']:>18.3f}{result['peak_rss_mib']:>18.0f}")
-    for mode in ("one", "auto"):
+    for mode in [mode for mode in modes if mode != "per_group"]:
         speed = results["per_group"]["median_step_s"] / results[mode]["median_step_s"]
         memory = results[mode]["peak_rss_mib"] / results["per_group"]["peak_rss_mib"]
         print(f"{mode}: {speed:.2f}x the speed of per_group, at {memory:.2f}x its peak memory")

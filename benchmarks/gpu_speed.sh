@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Speed and memory benchmark (a)-(e) of benchmarks/speed.py on one GPU: its gpu preset (a ~100M-parameter Llama
-# built from a config for training, evaluation and negatives; ~300M for peak memory), under 8 minutes on one H100.
-# Writes speed.json into $OUT (benchmarks/results when OUT is unset) after every measurement, and prints the table.
+# built from a config for training, the packed-vs-padded step memory, evaluation and negatives; ~300M for the
+# reference's peak memory). Writes speed.json into $OUT (benchmarks/results when OUT is unset) after every
+# measurement, and prints the table; a run cut by the hard stop below keeps what it measured (not yet timed on a GPU
+# since (a) runs the padded and the packed trainer side by side: run `--only a,b` first where time is short).
 #
 #   benchmarks/gpu_speed.sh                          # on the GPU machine
 #   OUT=/tmp/bench benchmarks/gpu_speed.sh --only a,b   # extra flags go to speed.py

@@ -1,5 +1,6 @@
-"""The speed benchmark in its smoke preset (every figure present, equal scores, sane ratios), and the two speed-ups
-of the library it measures: NLL batches capped in tokens on a CPU, and negatives generation stopping at the first line.
+"""The speed benchmark in its smoke preset (every figure present, equal scores, sane ratios), its packed compute
+floor (the same logits as each sequence alone), and the two speed-ups of the library it measures: NLL batches capped
+in tokens on a CPU, and negatives generation stopping at the first line.
 
 The speed targets themselves are not asserted here (they depend on the machine); docs/performance.md has the
 figures of the cpu preset.
@@ -19,17 +20,17 @@ from gnm_trainer.negatives.llm import first_line, first_line_complete, generate_
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import speed  # noqa: E402
+from speedbench.common import supports_padding_free  # noqa: E402
+from speedbench.training import packed_rows, read_logits, real_sequences  # noqa: E402
 
 FIGURES = {
-    "a": ("gnm_seconds_per_example", "published_seconds_per_example", "published_speedup",
-          "strawman_seconds_per_example", "strawman_speedup"),
-    "b": ("gnm_step_seconds", "floor_step_seconds", "overhead_ratio"),
+    "a": ("gnm_seconds_per_example", "padded_seconds_per_example", "published_seconds_per_example",
+          "published_speedup", "padded_published_speedup", "packing_speedup"),
+    "b": ("gnm_step_seconds", "floor_step_seconds", "overhead_ratio", "published_speedup_at_floor"),
     "c": ("klr_over_no_reference", "copy_over_klr"),
     "d": ("batched_seconds", "one_by_one_seconds", "speedup", "generation_speedup", "nll_speedup"),
     "e": ("batched_seconds", "sequential_seconds", "speedup"),
 }  # fmt: skip
-RATIOS = ("published_speedup", "strawman_speedup", "overhead_ratio", "klr_over_no_reference", "copy_over_klr",
-          "speedup", "generation_speedup", "nll_speedup")  # fmt: skip
 
 
 def test_smoke_preset_writes_every_figure(tmp_path, capsys):
@@ -42,18 +43,25 @@ def test_smoke_preset_writes_every_figure(tmp_path, capsys):
         for key in keys:
             value = figures[key]
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (measurement, key, value)
+    training = summary["figures"]["a"]
+    assert training["same_batches"] is True  # the default and the padded step trained on the same batches
+    assert training["computed_tokens_per_step"] >= training["real_tokens_per_step"] > 0
+    assert training["padded_computed_tokens_per_step"] > training["real_tokens_per_step"]  # LUME lengths are mixed
     memory = summary["figures"]["c"]["variants"]
     assert set(memory) == set(speed.MEMORY_VARIANTS)
     assert memory["klr_copy"]["reference_mode"] == "copy"
     assert memory["klr_adapter_disabled"]["reference_mode"] == "adapter_disabled"
     assert memory["no_reference"]["reference_mode"] == "none"
-    assert all(v["peak_mib"] >= v["baseline_after_model_load_mib"] > 0 for v in memory.values())
+    ran = {name: v for name, v in memory.items() if "not_run" not in v}
+    assert set(memory) - set(ran) == (set() if supports_padding_free() else {"packed_step"})
+    assert all(v["peak_mib"] >= v["baseline_after_model_load_mib"] > 0 for v in ran.values())
+    assert memory["padded_step"]["step_peak_mib"] > 0 and memory["padded_step"]["batch_size"] == 4
     evaluation = summary["figures"]["d"]
     assert evaluation["same_scores"] is True and evaluation["same_generations"] is True
     assert evaluation["batched_scores"] == evaluation["one_by_one_scores"]
     assert evaluation["batched_results"] == evaluation["one_by_one_results"]
     assert summary["figures"]["e"]["same_outputs"] is True
-    assert set(summary["verdicts"]) == {"a", "a'", "b", "c", "c'", "d", "e"}
+    assert set(summary["verdicts"]) == {"a", "a'", "b", "c", "c'", "c''", "d", "e"}
     printed = capsys.readouterr().out
     assert summary["table"] in printed and "| d |" in printed
 
@@ -64,6 +72,36 @@ def test_only_and_bad_arguments(tmp_path):
         speed.parse_args(["--only", "a,x"])
     assert speed.tiny(speed.PRESETS["gpu"]).eval_batch_size == speed.PRESETS["gpu"].eval_batch_size
     assert speed.tiny(speed.PRESETS["gpu"]).model == speed.PRESETS["smoke"].model
+
+
+def test_packed_floor_computes_each_sequence_as_if_alone(tiny_model):
+    """The floor's packed rows (no padding, position ids, no attention mask) give the logits of each sequence run
+    alone, at exactly the positions that predict a completion token; every token is in one row, once."""
+    import torch
+
+    lengths, completions = [7, 3, 11, 5, 9], [2, 1, 4, 3, 3]
+    group = {key: torch.zeros(5, 11, dtype=torch.long) for key in ("input_ids", "attention_mask", "completion_mask")}
+    generator = torch.Generator().manual_seed(0)
+    for row, (length, completion) in enumerate(zip(lengths, completions)):
+        group["input_ids"][row, :length] = torch.randint(4, 200, (length,), generator=generator)
+        group["attention_mask"][row, :length] = 1
+        group["completion_mask"][row, length - completion : length] = 1
+    tiny_model.eval()
+    with torch.no_grad():
+        alone = [  # each sequence alone: the logits that predict its completion tokens
+            tiny_model(input_ids=group["input_ids"][row : row + 1, :length], use_cache=False).logits[0][
+                length - completions[row] - 1 : length - 1]
+            for row, length in enumerate(lengths)
+        ]  # fmt: skip
+        for row_tokens, expected_rows in ((None, 4), (16, 3), (1000, 1)):
+            rows = packed_rows(real_sequences(group), row_tokens)
+            assert len(rows) == expected_rows
+            assert sorted(i for row in rows for i in row.sequences) == list(range(5))
+            assert [len(row.input_ids) for row in rows] == [sum(lengths[i] for i in row.sequences) for row in rows]
+            assert all(len(row.input_ids) <= max(row_tokens or 0, max(lengths)) for row in rows)
+            packed = torch.cat([read_logits(tiny_model, row) for row in rows])
+            expected = torch.cat([alone[i] for row in rows for i in row.sequences])
+            torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_nll_batches_respect_rows_and_token_budget():
