@@ -8,11 +8,14 @@ at a time. The batched versions here give the same tokens and the same losses:
 - prompts are tokenized one by one exactly as the reference does, then LEFT-padded by hand (the tokenizer's
   `padding_side` is never touched) with an attention mask, so every prompt ends where generation starts and
   positions are counted from its first real token;
-- documents are RIGHT-padded with a mask; padding after a token cannot change its causal logits, and the loss of
-  each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
+- a batch's key/value cache is allocated once with room for the new tokens (`preallocated_cache`), so a decoding
+  step writes its states in place instead of copying the whole cache;
+- documents are PACKED end to end without padding, positions restarting at 0 in each (`packed_nll.py`), where the
+  model supports it, else RIGHT-padded with a mask (padding after a token cannot change its causal logits); the loss
+  of each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
 - examples are sorted by length (longest first, so an out-of-memory error shows at once) to keep padding small,
-  and results come back in input order; on a CPU, NLL batches are also capped in token positions (see
-  `CPU_NLL_BATCH_TOKENS`).
+  and results come back in input order; on a CPU, packed rows and padded NLL batches are also capped in tokens (see
+  `CPU_PACKED_ROW_TOKENS` and `CPU_NLL_BATCH_TOKENS`).
 
 Both batched functions can show a tqdm progress bar (`show_progress`, off by default), counted in prompts or
 documents, like the bars of the rest of the Hugging Face stack.
@@ -26,8 +29,10 @@ between two GPUs running the official script).
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .packed_nll import mean_next_token_nll, packed_document_nll, supports_packed_positions
 
 
 def pad_token_id(tokenizer, name: str = "tokenizer") -> int:
@@ -84,6 +89,51 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tup
     return input_ids, attention_mask
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of a buffer with room for `reserve` more tokens than the
+    prompt: a decoding step writes its token's states in place instead of copying the whole cache (`torch.cat`), which
+    is most of a step's time once a batch's prompts are a few hundred tokens long. The keys and values the attention
+    reads are the same tensors' values, of the same length, as a `DynamicLayer`'s."""
+
+    def __init__(self, reserve: int):
+        super().__init__()
+        self.reserve = reserve
+        self._key_buffer = self._value_buffer = None
+
+    def _has_room(self, length: int, needed: int) -> bool:
+        buffer = self._key_buffer
+        return (
+            buffer is not None and needed <= buffer.shape[-2] and self.keys.shape[:2] == buffer.shape[:2]
+            and (length == 0 or self.keys.data_ptr() == buffer.data_ptr())  # still a view (not cropped, reordered)
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, needed = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        if not self._has_room(length, needed):
+            shape = (*key_states.shape[:-2], needed + self.reserve, key_states.shape[-1])
+            self._key_buffer = key_states.new_empty(shape)
+            self._value_buffer = value_states.new_empty(shape)
+            if length:
+                self._key_buffer[..., :length, :] = self.keys
+                self._value_buffer[..., :length, :] = self.values
+        self._key_buffer[..., length:needed, :] = key_states
+        self._value_buffer[..., length:needed, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :needed, :], self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+
+def preallocated_cache(model, max_new_tokens: int) -> DynamicCache:
+    """A `DynamicCache` for `model` whose full-attention layers are `PreallocatedLayer`s with room for
+    `max_new_tokens` tokens after the prompt (sliding-window and other layers are kept as transformers makes them)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [
+        PreallocatedLayer(max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
 def progress_bar(total: int, description: str, unit: str, show: bool):
     """A tqdm bar over `total` items (on stderr); a silent one when `show` is False."""
     return tqdm(total=total, desc=description, unit=unit, disable=not show, dynamic_ncols=True)
@@ -131,6 +181,7 @@ def _generate_batch(model, tokenizer, sequences, budgets: Sequence[int], pad_id:
         max_new_tokens=max(budgets),
         do_sample=False,
         use_cache=True,
+        cache=preallocated_cache(model, max(budgets)),
         pad_token_id=pad_id,
     )
     new_tokens = output[:, input_ids.shape[1] :]
@@ -154,30 +205,47 @@ def generate_one_by_one(model, tokenizer, prompts: Sequence[str], max_new_tokens
     return generations
 
 
+# On a CPU, a packed row of several documents is slower than its documents one by one once the row is a few hundred
+# tokens long: the attention is computed over the whole row and the scores between documents are masked and thrown
+# away, while one document alone already runs its matrix products at full speed (docs/performance.md: MIA documents of
+# 150-370 tokens, rows of 400 tokens cost the same as one document per row, rows of 1,024 tokens 30% more). So packed
+# rows on a CPU hold at most this many tokens (a longer document still gets a row of its own); on an accelerator, as
+# many tokens as a padded batch of the longest documents would.
+CPU_PACKED_ROW_TOKENS = 384
+
+
 @torch.no_grad()
 def document_nll(
     model, tokenizer, documents: Sequence[str], batch_size: int = 16, show_progress: bool = False
 ) -> list[float]:
-    """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), batched, in input order.
+    """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), in input order.
 
-    Batches hold at most `batch_size` documents, and on a CPU at most `CPU_NLL_BATCH_TOKENS` token positions.
+    Packed without padding (`packed_nll.py`) when the model separates packed documents by their positions, in rows of
+    at most `CPU_PACKED_ROW_TOKENS` tokens on a CPU and `batch_size` times the longest document elsewhere; otherwise
+    padded batches of at most `batch_size` documents (and `CPU_NLL_BATCH_TOKENS` positions on a CPU).
     `show_progress` shows a bar.
     """
-    pad_id = pad_token_id(tokenizer)
     encoded = encode_each(tokenizer, documents)
-    losses: list[float] = [float("nan")] * len(documents)
-    max_tokens = CPU_NLL_BATCH_TOKENS if model.device.type == "cpu" else None
+    on_cpu = model.device.type == "cpu"
     with progress_bar(len(documents), "MIA NLL", "document", show_progress) as bar:
-        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_tokens):
-            input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="right")
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-            for row, index in enumerate(batch):
-                length = len(encoded[index])
-                # Token t predicts token t+1; upcast one document at a time to keep memory at one row of logits.
-                row_logits = logits[row, : length - 1].float()
-                row_labels = input_ids[row, 1:length].to(row_logits.device)
-                losses[index] = F.cross_entropy(row_logits, row_labels).item()
-            bar.update(len(batch))
+        if supports_packed_positions(model):
+            longest = max((len(ids) for ids in encoded), default=1)
+            max_row_tokens = CPU_PACKED_ROW_TOKENS if on_cpu else batch_size * longest
+            return packed_document_nll(model, encoded, max_row_tokens, on_row=bar.update)
+        return _padded_document_nll(model, encoded, pad_token_id(tokenizer), batch_size, on_cpu, bar.update)
+
+
+def _padded_document_nll(model, encoded, pad_id: int, batch_size: int, on_cpu: bool, on_batch) -> list[float]:
+    """`document_nll` in right-padded, length-sorted batches, for models that cannot take packed positions."""
+    losses: list[float] = [float("nan")] * len(encoded)
+    max_tokens = CPU_NLL_BATCH_TOKENS if on_cpu else None
+    for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_tokens):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="right")
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        for row, index in enumerate(batch):
+            length = len(encoded[index])
+            losses[index] = mean_next_token_nll(logits[row, :length], input_ids[row, :length], [length])[0]
+        on_batch(len(batch))
     return losses
 
 
