@@ -185,7 +185,7 @@ def generate_texts(
     """
     import torch
 
-    from ..evaluation.generation import length_sorted_batches, pad_batch, pad_token_id
+    from ..evaluation.generation import length_sorted_batches, pad_batch, pad_token_id, preallocated_cache
 
     if not texts:
         return []
@@ -210,6 +210,7 @@ def generate_texts(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
+                cache=preallocated_cache(model, max_new_tokens),
                 do_sample=False,
                 num_beams=1,
                 temperature=None,
