@@ -124,10 +124,16 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def preallocated_cache(model, max_new_tokens: int) -> DynamicCache:
+def preallocated_cache(model, max_new_tokens: int) -> DynamicCache | None:
     """A `DynamicCache` for `model` whose full-attention layers are `PreallocatedLayer`s with room for
-    `max_new_tokens` tokens after the prompt (sliding-window and other layers are kept as transformers makes them)."""
-    cache = DynamicCache(config=model.config)
+    `max_new_tokens` tokens after the prompt (sliding-window and other layers are kept as transformers makes them).
+
+    None, so that `generate` makes its own cache, for a model without a transformers config (a stand-in generator)
+    and for an encoder-decoder model (whose cache is of another kind)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    cache = DynamicCache(config=config)
     cache.layers = [
         PreallocatedLayer(max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers
     ]
