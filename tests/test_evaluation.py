@@ -196,12 +196,14 @@ def test_packed_nll_equals_each_document_alone_and_keeps_the_auc(tiny_model, tin
     max_row_tokens = 3 * max(lengths)
     rows = pack_by_length(lengths, max_row_tokens)
     assert max(len(row) for row in rows) >= 3  # rows really hold several documents
+    assert len({sum(lengths[i] for i in row) for row in rows}) > 1  # rows of different widths
     tiny_model.eval()
-    packed = packed_document_nll(tiny_model, encoded, max_row_tokens)
     alone = _loss_of_each_alone(tiny_model, tiny_tokenizer, documents)
-    assert packed == pytest.approx(alone, abs=1e-5)
     half = len(documents) // 2
-    assert mia_auc(packed[:half], packed[half:]) == mia_auc(alone[:half], alone[half:])
+    for rows_per_forward in (1, 2):  # two rows at a time: the narrower one ends with filler tokens
+        packed = packed_document_nll(tiny_model, encoded, max_row_tokens, rows_per_forward)
+        assert packed == pytest.approx(alone, abs=1e-5)
+        assert mia_auc(packed[:half], packed[half:]) == mia_auc(alone[:half], alone[half:])
 
 
 def test_packed_rows_restart_positions_and_carry_no_mask(tiny_model, tiny_tokenizer):

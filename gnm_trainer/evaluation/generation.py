@@ -14,8 +14,8 @@ at a time. The batched versions here give the same tokens and the same losses:
   model supports it, else RIGHT-padded with a mask (padding after a token cannot change its causal logits); the loss
   of each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
 - examples are sorted by length (longest first, so an out-of-memory error shows at once) to keep padding small,
-  and results come back in input order; on a CPU, packed rows and padded NLL batches are also capped in tokens (see
-  `CPU_PACKED_ROW_TOKENS` and `CPU_NLL_BATCH_TOKENS`).
+  and results come back in input order; packed rows are capped in tokens (`PACKED_ROW_TOKENS`) and
+  so are padded NLL batches on a CPU (`CPU_NLL_BATCH_TOKENS`).
 
 Both batched functions can show a tqdm progress bar (`show_progress`, off by default), counted in prompts or
 documents, like the bars of the rest of the Hugging Face stack.
@@ -211,13 +211,12 @@ def generate_one_by_one(model, tokenizer, prompts: Sequence[str], max_new_tokens
     return generations
 
 
-# On a CPU, a packed row of several documents is slower than its documents one by one once the row is a few hundred
-# tokens long: the attention is computed over the whole row and the scores between documents are masked and thrown
-# away, while one document alone already runs its matrix products at full speed (docs/performance.md: MIA documents of
-# 150-370 tokens, rows of 400 tokens cost the same as one document per row, rows of 1,024 tokens 30% more). So packed
-# rows on a CPU hold at most this many tokens (a longer document still gets a row of its own); on an accelerator, as
-# many tokens as a padded batch of the longest documents would.
-CPU_PACKED_ROW_TOKENS = 384
+# Packed rows hold at most this many tokens, or the longest document's when it is longer. Within a row, attention is
+# computed over the whole row and the scores between documents are masked and thrown away, so long rows waste work:
+# on a CPU (4.7M-parameter Llama, MIA documents of 150-370 tokens, one thread) rows of 400 tokens cost the same as one
+# document per row, rows of 512 tokens 8% more, rows of 1,024 tokens 30% more. Rows of the longest document's length
+# cost at most what one padded row of it costs; short documents (questions, sentences) still share rows.
+PACKED_ROW_TOKENS = 384
 
 
 @torch.no_grad()
@@ -226,18 +225,19 @@ def document_nll(
 ) -> list[float]:
     """Mean token NLL of each document (`model(ids, labels=ids).loss` of each alone), in input order.
 
-    Packed without padding (`packed_nll.py`) when the model separates packed documents by their positions, in rows of
-    at most `CPU_PACKED_ROW_TOKENS` tokens on a CPU and `batch_size` times the longest document elsewhere; otherwise
-    padded batches of at most `batch_size` documents (and `CPU_NLL_BATCH_TOKENS` positions on a CPU).
+    Packed without padding (`packed_nll.py`) when the model separates packed documents by their positions: rows of at
+    most `PACKED_ROW_TOKENS` tokens (or the longest document's), one row per forward on a CPU (where one row already
+    runs at full speed) and `batch_size` rows elsewhere. Otherwise padded batches of at most `batch_size` documents
+    (and `CPU_NLL_BATCH_TOKENS` positions on a CPU).
     `show_progress` shows a bar.
     """
     encoded = encode_each(tokenizer, documents)
     on_cpu = model.device.type == "cpu"
     with progress_bar(len(documents), "MIA NLL", "document", show_progress) as bar:
         if supports_packed_positions(model):
-            longest = max((len(ids) for ids in encoded), default=1)
-            max_row_tokens = CPU_PACKED_ROW_TOKENS if on_cpu else batch_size * longest
-            return packed_document_nll(model, encoded, max_row_tokens, on_row=bar.update)
+            max_row_tokens = max([PACKED_ROW_TOKENS] + [len(ids) for ids in encoded])
+            rows_per_forward = 1 if on_cpu else batch_size
+            return packed_document_nll(model, encoded, max_row_tokens, rows_per_forward, on_row=bar.update)
         return _padded_document_nll(model, encoded, pad_token_id(tokenizer), batch_size, on_cpu, bar.update)
 
 

@@ -27,7 +27,8 @@ def supports_packed_positions(model) -> bool:
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a PEFT wrapper
     implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    return bool(getattr(base, "_supports_attention_backend", False)) and implementation in PACKED_ATTENTION_IMPLEMENTATIONS
+    uses_attention_interface = bool(getattr(base, "_supports_attention_backend", False))
+    return uses_attention_interface and implementation in PACKED_ATTENTION_IMPLEMENTATIONS
 
 
 def pack_by_length(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -48,12 +49,19 @@ def pack_by_length(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
-def packed_inputs(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids, position_ids)`, each of shape (1, total tokens): the sequences end to end, positions counted from
-    0 in each."""
-    input_ids = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
-    position_ids = torch.cat([torch.arange(len(sequence)) for sequence in sequences])
-    return input_ids[None], position_ids[None]
+def packed_inputs(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, position_ids)` of shape (rows, widest row): each row's sequences end to end, positions counted
+    from 0 in each. A row narrower than the widest ends with filler tokens (id 0) whose positions also restart at 0:
+    a sequence of their own, which no other token attends to and whose loss nobody reads."""
+    width = max(sum(len(sequence) for sequence in row) for row in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        tokens = [token for sequence in row for token in sequence]
+        input_ids[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        filler = [width - len(tokens)] if width > len(tokens) else []
+        position_ids[index] = torch.cat([torch.arange(n) for n in [len(sequence) for sequence in row] + filler])
+    return input_ids, position_ids
 
 
 def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, lengths: Sequence[int]) -> list[float]:
@@ -72,19 +80,26 @@ def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, lengths: 
 
 @torch.no_grad()
 def packed_document_nll(
-    model, encoded: Sequence[Sequence[int]], max_row_tokens: int, on_row: Callable[[int], None] | None = None
+    model,
+    encoded: Sequence[Sequence[int]],
+    max_row_tokens: int,
+    rows_per_forward: int = 1,
+    on_row: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Mean token NLL of each tokenized document, computed in packed rows of at most `max_row_tokens` tokens (a longer
-    document gets a row of its own); in input order. `on_row(number of documents)` is called after each row."""
+    """Mean token NLL of each tokenized document, in input order, computed in packed rows of at most `max_row_tokens`
+    tokens (a longer document gets a row of its own), `rows_per_forward` rows at a time. `on_row(number of
+    documents)` is called after each row."""
     losses: list[float] = [float("nan")] * len(encoded)
     device = next(model.parameters()).device
-    for row in pack_by_length([len(ids) for ids in encoded], max_row_tokens):
-        sequences = [encoded[i] for i in row]
-        input_ids, position_ids = packed_inputs(sequences)
+    rows = pack_by_length([len(ids) for ids in encoded], max_row_tokens)
+    for first in range(0, len(rows), rows_per_forward):
+        batch = rows[first : first + rows_per_forward]
+        input_ids, position_ids = packed_inputs([[encoded[i] for i in row] for row in batch])
         # No attention mask and no cache: that is what makes transformers read the documents' bounds from position_ids.
         logits = model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
-        for index, loss in zip(row, mean_next_token_nll(logits[0], input_ids[0], [len(s) for s in sequences])):
-            losses[index] = loss
-        if on_row is not None:
-            on_row(len(row))
+        for row_logits, row_ids, row in zip(logits, input_ids, batch):
+            for index, loss in zip(row, mean_next_token_nll(row_logits, row_ids, [len(encoded[i]) for i in row])):
+                losses[index] = loss
+            if on_row is not None:
+                on_row(len(row))
     return losses
