@@ -123,6 +123,17 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[..., :needed, :], self._value_buffer[..., :needed, :]
         return self.keys, self.values
 
+    def place(self, row: int, rows: int, width: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put one sequence's states (batch of 1) at the end of row `row` of a left-padded cache of `rows` rows and
+        `width` positions; the positions before them stay zero (padding)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            shape = (rows, keys.shape[1], width + self.reserve + 1, keys.shape[-1])  # + 1: the prompts' last token
+            self._key_buffer, self._value_buffer = keys.new_zeros(shape), values.new_zeros(shape)
+            self.keys, self.values = self._key_buffer[..., :width, :], self._value_buffer[..., :width, :]
+        self._key_buffer[row, :, width - keys.shape[-2] : width] = keys[0]
+        self._value_buffer[row, :, width - values.shape[-2] : width] = values[0]
+
 
 def preallocated_cache(model, max_new_tokens: int) -> DynamicCache | None:
     """A `DynamicCache` for `model` whose full-attention layers are `PreallocatedLayer`s with room for
@@ -137,6 +148,30 @@ def preallocated_cache(model, max_new_tokens: int) -> DynamicCache | None:
     cache.layers = [
         PreallocatedLayer(max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers
     ]
+    return cache
+
+
+@torch.no_grad()
+def prefilled_cache(model, sequences: Sequence[Sequence[int]], max_new_tokens: int) -> DynamicCache | None:
+    """The cache of a LEFT-padded batch of `sequences` holding all but the last token of each, each prompt computed
+    alone (no padding, no mask: causal attention over its own tokens only), with room for `max_new_tokens` more.
+
+    `generate` given this cache and the padded batch runs only the last column and then decodes. With long prompts of
+    mixed lengths this saves the padded positions and the masked attention of a batched prefill, which costs more
+    than the same prompts one at a time (a prefill is compute-bound either way). Pad positions hold zeros, masked by
+    the batch's attention mask. None where `preallocated_cache` is None or a layer is not a `PreallocatedLayer`.
+    """
+    cache = preallocated_cache(model, max_new_tokens)
+    if cache is None or not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+        return None
+    device, width = next(model.parameters()).device, max(len(sequence) for sequence in sequences) - 1
+    for row, sequence in enumerate(sequences):
+        if len(sequence) < 2:
+            continue
+        alone = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([sequence[:-1]], device=device), cache=alone, use_cache=True, logits_to_keep=1)
+        for layer, computed in zip(cache.layers, alone.layers):
+            layer.place(row, len(sequences), width, computed.keys, computed.values)
     return cache
 
 

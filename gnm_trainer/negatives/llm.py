@@ -9,8 +9,10 @@ further from the truth, given the row's prompt. The generator can be the model t
   template refuses a system role); without one, the plain text `system_prompt + "\\n\\n" + filled template` is the
   prompt. `DEFAULT_TEMPLATE` and `DEFAULT_SYSTEM_PROMPT` below are the defaults.
 - Generation: prompts sorted by length, batched, padded on the left (padding is done here, the tokenizer is not
-  touched); only the new tokens are decoded; the first non-empty line, stripped, is the negative. A row stops as
-  soon as that line is complete (`FirstLineStop`), and a batch as soon as all its rows have.
+  touched); each prompt is run through the model alone (`prefilled_cache`: long prompts, so a padded batch would
+  spend a third of its prompt work on padding), then the batch decodes together; only the new tokens are decoded;
+  the first non-empty line, stripped, is the negative. A row stops as soon as that line is complete
+  (`FirstLineStop`), and a batch as soon as all its rows have.
 - Sampling (`do_sample=True`, and every retry): Gumbel-max with one `torch.Generator` per row, seeded from
   (seed, row id, level, attempt). A row's draw therefore does not depend on which rows share its batch, on the batch
   size or on the number of processes; greedy decoding is the same without the noise.
@@ -185,7 +187,7 @@ def generate_texts(
     """
     import torch
 
-    from ..evaluation.generation import length_sorted_batches, pad_batch, pad_token_id, preallocated_cache
+    from ..evaluation.generation import length_sorted_batches, pad_batch, pad_token_id, prefilled_cache
 
     if not texts:
         return []
@@ -195,6 +197,7 @@ def generate_texts(
     device = next(model.parameters()).device
     for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
+        cache = prefilled_cache(model, [encoded[i] for i in batch], max_new_tokens)
         width = input_ids.shape[1]
         processors, stopping = [], []
         if seeds is not None:
@@ -210,7 +213,7 @@ def generate_texts(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
-                cache=preallocated_cache(model, max_new_tokens),
+                cache=cache,
                 do_sample=False,
                 num_beams=1,
                 temperature=None,
