@@ -35,7 +35,15 @@ from gnm_trainer.evaluation import (
     shard_bounds,
     write_report,
 )
-from gnm_trainer.evaluation.generation import encode_each, pad_batch, pad_token_id, preallocated_cache, prefilled_cache
+from gnm_trainer.evaluation.generation import (
+    encode_each,
+    pad_batch,
+    pad_token_id,
+    preallocated_cache,
+    prefilled_cache,
+    prompt_cache,
+    shared_prefix_length,
+)
 from gnm_trainer.evaluation.packed_nll import pack_by_length, packed_document_nll, supports_packed_positions
 from gnm_trainer.gnm_config import PAPER_TEXT_TEMPLATE
 
@@ -266,19 +274,30 @@ def test_preallocated_cache_holds_what_a_dynamic_cache_holds_without_copying_it(
     assert len(buffers) == 2  # the prompt's buffer had room for 4 more tokens; the fifth grew it once
 
 
+def test_shared_prefix_leaves_every_prompt_its_last_token():
+    assert shared_prefix_length([[1, 2, 3, 9], [1, 2, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix_length([[5]]) == 0 and shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
 def test_prompts_prefilled_one_by_one_generate_what_a_padded_batch_generates(tiny_model, tiny_tokenizer,
                                                                              forget_rows):
     sequences = encode_each(tiny_tokenizer, _texts(forget_rows))
-    sequences.append(sequences[0][:1])  # a one-token prompt: nothing to prefill, all padding in the cache
-    assert len({len(sequence) for sequence in sequences}) > 2
-    pad_id = pad_token_id(tiny_tokenizer)
-    input_ids, attention_mask = pad_batch(sequences, pad_id, side="left")
-    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
-                   pad_token_id=pad_id)
     tiny_model.eval()
-    padded = tiny_model.generate(**options)
-    prefilled = tiny_model.generate(**options, cache=prefilled_cache(tiny_model, sequences, max_new_tokens=6))
-    assert torch.equal(prefilled, padded)
+    for opening in ([], encode_each(tiny_tokenizer, ["Rewrite this answer so that it is wrong:"])[0]):
+        prompts = [opening + sequence for sequence in sequences]
+        prompts.append(prompts[0][: len(opening) + 1])  # nothing after the shared opening but the last token
+        assert len({len(prompt) for prompt in prompts}) > 2
+        shared = shared_prefix_length(prompts)
+        assert shared >= len(opening)
+        pad_id = pad_token_id(tiny_tokenizer)
+        input_ids, attention_mask = pad_batch(prompts, pad_id, side="left")
+        options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
+                       pad_token_id=pad_id)
+        padded = tiny_model.generate(**options)
+        shared_prefix = (shared, prompt_cache(tiny_model, prompts[0][:shared])) if shared else None
+        cache = prefilled_cache(tiny_model, prompts, max_new_tokens=6, shared_prefix=shared_prefix)
+        assert torch.equal(tiny_model.generate(**options, cache=cache), padded)
 
 
 def _official_scores(rows, generations):

@@ -151,25 +151,53 @@ def preallocated_cache(model, max_new_tokens: int) -> DynamicCache | None:
     return cache
 
 
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all `sequences` share, leaving each at least its last token."""
+    shortest = min(len(sequence) for sequence in sequences)
+    length = 0
+    while length < shortest - 1 and all(sequence[length] == sequences[0][length] for sequence in sequences):
+        length += 1
+    return length
+
+
 @torch.no_grad()
-def prefilled_cache(model, sequences: Sequence[Sequence[int]], max_new_tokens: int) -> DynamicCache | None:
+def prompt_cache(model, tokens: Sequence[int], prefix: DynamicCache | None = None) -> DynamicCache:
+    """The cache of `tokens` run through `model` alone (batch of 1, no padding), after the tokens already in `prefix`
+    (a shared beginning, computed once; it is copied, not changed)."""
+    cache = DynamicCache(config=model.config)
+    for layer, shared in zip(cache.layers, prefix.layers if prefix is not None else []):
+        layer.update(shared.keys, shared.values)
+    if tokens:
+        device = next(model.parameters()).device
+        model(input_ids=torch.tensor([list(tokens)], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def prefilled_cache(
+    model,
+    sequences: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    shared_prefix: tuple[int, DynamicCache] | None = None,
+) -> DynamicCache | None:
     """The cache of a LEFT-padded batch of `sequences` holding all but the last token of each, each prompt computed
     alone (no padding, no mask: causal attention over its own tokens only), with room for `max_new_tokens` more.
 
     `generate` given this cache and the padded batch runs only the last column and then decodes. With long prompts of
     mixed lengths this saves the padded positions and the masked attention of a batched prefill, which costs more
-    than the same prompts one at a time (a prefill is compute-bound either way). Pad positions hold zeros, masked by
-    the batch's attention mask. None where `preallocated_cache` is None or a layer is not a `PreallocatedLayer`.
+    than the same prompts one at a time (a prefill is compute-bound either way). `shared_prefix` is `(length, cache)`
+    of a beginning that every sequence shares (`shared_prefix_length`, `prompt_cache`), computed once for all. Pad
+    positions hold zeros, masked by the batch's attention mask. None where `preallocated_cache` is None or a layer is
+    not a `PreallocatedLayer`.
     """
     cache = preallocated_cache(model, max_new_tokens)
     if cache is None or not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
         return None
-    device, width = next(model.parameters()).device, max(len(sequence) for sequence in sequences) - 1
+    width = max(len(sequence) for sequence in sequences) - 1
+    prefix_length, prefix = shared_prefix or (0, None)
     for row, sequence in enumerate(sequences):
         if len(sequence) < 2:
             continue
-        alone = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([sequence[:-1]], device=device), cache=alone, use_cache=True, logits_to_keep=1)
+        alone = prompt_cache(model, sequence[prefix_length:-1], prefix)
         for layer, computed in zip(cache.layers, alone.layers):
             layer.place(row, len(sequences), width, computed.keys, computed.values)
     return cache

@@ -187,7 +187,14 @@ def generate_texts(
     """
     import torch
 
-    from ..evaluation.generation import length_sorted_batches, pad_batch, pad_token_id, prefilled_cache
+    from ..evaluation.generation import (
+        length_sorted_batches,
+        pad_batch,
+        pad_token_id,
+        prefilled_cache,
+        prompt_cache,
+        shared_prefix_length,
+    )
 
     if not texts:
         return []
@@ -195,9 +202,13 @@ def generate_texts(
     encoded = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts]
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
+    shared_prefix = None  # the system prompt and the template's opening, the same in every prompt: computed once
+    if getattr(model, "config", None) is not None and shared_prefix_length(encoded) > 1:
+        shared = shared_prefix_length(encoded)
+        shared_prefix = (shared, prompt_cache(model, encoded[0][:shared]))
     for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
-        cache = prefilled_cache(model, [encoded[i] for i in batch], max_new_tokens)
+        cache = prefilled_cache(model, [encoded[i] for i in batch], max_new_tokens, shared_prefix)
         width = input_ids.shape[1]
         processors, stopping = [], []
         if seeds is not None:
