@@ -35,6 +35,16 @@ from gnm_trainer.evaluation import (
     shard_bounds,
     write_report,
 )
+from gnm_trainer.evaluation.generation import (
+    encode_each,
+    pad_batch,
+    pad_token_id,
+    preallocated_cache,
+    prefilled_cache,
+    prompt_cache,
+    shared_prefix_length,
+)
+from gnm_trainer.evaluation.packed_nll import pack_by_length, packed_document_nll, supports_packed_positions
 from gnm_trainer.gnm_config import PAPER_TEXT_TEMPLATE
 
 MAX_NEW_TOKENS = 8
@@ -175,6 +185,119 @@ def test_batched_nll_equals_model_loss_per_document(tiny_model, tiny_tokenizer, 
             expected.append(tiny_model(ids, labels=ids).loss.item())
     assert batched == pytest.approx(expected, abs=1e-5)
     assert document_nll_one_by_one(tiny_model, tiny_tokenizer, documents) == pytest.approx(expected, abs=1e-6)
+
+
+def _loss_of_each_alone(model, tokenizer, documents):
+    with torch.no_grad():
+        losses = []
+        for document in documents:
+            ids = tokenizer(document, return_tensors="pt").input_ids
+            losses.append(model(ids, labels=ids).loss.item())
+        return losses
+
+
+def test_packed_nll_equals_each_document_alone_and_keeps_the_auc(tiny_model, tiny_tokenizer, forget_rows,
+                                                                 retain_rows):
+    documents = [f"{row['input']} {row['output']}" for row in forget_rows + retain_rows] + _texts(forget_rows)
+    encoded = encode_each(tiny_tokenizer, documents)
+    lengths = [len(ids) for ids in encoded]
+    max_row_tokens = 3 * max(lengths)
+    rows = pack_by_length(lengths, max_row_tokens)
+    assert max(len(row) for row in rows) >= 3  # rows really hold several documents
+    assert len({sum(lengths[i] for i in row) for row in rows}) > 1  # rows of different widths
+    tiny_model.eval()
+    alone = _loss_of_each_alone(tiny_model, tiny_tokenizer, documents)
+    half = len(documents) // 2
+    for rows_per_forward in (1, 2):  # two rows at a time: the narrower one ends with filler tokens
+        packed = packed_document_nll(tiny_model, encoded, max_row_tokens, rows_per_forward)
+        assert packed == pytest.approx(alone, abs=1e-5)
+        assert mia_auc(packed[:half], packed[half:]) == mia_auc(alone[:half], alone[half:])
+
+
+def test_packed_rows_restart_positions_and_carry_no_mask(tiny_model, tiny_tokenizer):
+    seen = []
+    tiny_model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    tiny_model.eval()
+    document_nll(tiny_model, tiny_tokenizer, ["one short text", "a second and somewhat longer text"], batch_size=2)
+    (call,) = seen  # one packed row for both documents
+    first = len(tiny_tokenizer("a second and somewhat longer text")["input_ids"])  # longest first
+    assert call["position_ids"][0].tolist() == list(range(first)) + list(range(call["input_ids"].shape[1] - first))
+    assert call.get("attention_mask") is None and call["use_cache"] is False
+
+
+def test_pack_by_length_places_every_document_once_within_the_bound():
+    lengths = [5, 30, 7, 12, 3, 9, 40, 1]
+    rows = pack_by_length(lengths, 20)
+    assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
+    for row in rows:
+        assert len(row) == 1 or sum(lengths[i] for i in row) <= 20  # a longer document gets a row of its own
+    assert rows == [[6], [1], [3, 2, 7], [5, 0, 4]]  # first fit, longest first: 40 | 30 | 12+7+1 | 9+5+3
+    with pytest.raises(ValueError):
+        pack_by_length(lengths, 0)
+
+
+def test_models_that_cannot_separate_packed_documents_are_padded(tiny_model, tiny_tokenizer, forget_rows,
+                                                                  monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    import gnm_trainer.evaluation.generation as generation_module
+
+    assert supports_packed_positions(tiny_model)
+    assert supports_packed_positions(get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"])))
+    monkeypatch.setattr(type(tiny_model), "_supports_attention_backend", False)  # e.g. older remote code
+    assert not supports_packed_positions(tiny_model)
+    monkeypatch.undo()
+    tiny_model.config._attn_implementation = "some_kernel"
+    assert not supports_packed_positions(tiny_model)
+    tiny_model.config._attn_implementation = "sdpa"
+    documents = _texts(forget_rows)
+    tiny_model.eval()
+    packed = document_nll(tiny_model, tiny_tokenizer, documents, batch_size=3)
+    monkeypatch.setattr(generation_module, "supports_packed_positions", lambda model: False)
+    padded = document_nll(tiny_model, tiny_tokenizer, documents, batch_size=3)
+    assert padded == pytest.approx(packed, abs=1e-5)
+    assert padded == pytest.approx(_loss_of_each_alone(tiny_model, tiny_tokenizer, documents), abs=1e-5)
+
+
+def test_preallocated_cache_holds_what_a_dynamic_cache_holds_without_copying_it(tiny_model):
+    from transformers.cache_utils import DynamicCache
+
+    preallocated, dynamic = preallocated_cache(tiny_model, max_new_tokens=4), DynamicCache(config=tiny_model.config)
+    generator = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 2, width, 16, generator=generator) for width in (5, 1, 1, 1, 1, 1)]  # a prompt, then steps
+    buffers = set()
+    for step in states:
+        keys, values = preallocated.layers[0].update(step, -step)
+        expected_keys, expected_values = dynamic.layers[0].update(step, -step)
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+        buffers.add(keys.data_ptr())
+    assert len(buffers) == 2  # the prompt's buffer had room for 4 more tokens; the fifth grew it once
+
+
+def test_shared_prefix_leaves_every_prompt_its_last_token():
+    assert shared_prefix_length([[1, 2, 3, 9], [1, 2, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix_length([[5]]) == 0 and shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_prompts_prefilled_one_by_one_generate_what_a_padded_batch_generates(tiny_model, tiny_tokenizer,
+                                                                             forget_rows):
+    sequences = encode_each(tiny_tokenizer, _texts(forget_rows))
+    tiny_model.eval()
+    for opening in ([], encode_each(tiny_tokenizer, ["Rewrite this answer so that it is wrong:"])[0]):
+        prompts = [opening + sequence for sequence in sequences]
+        prompts.append(prompts[0][: len(opening) + 1])  # nothing after the shared opening but the last token
+        assert len({len(prompt) for prompt in prompts}) > 2
+        shared = shared_prefix_length(prompts)
+        assert shared >= len(opening)
+        pad_id = pad_token_id(tiny_tokenizer)
+        input_ids, attention_mask = pad_batch(prompts, pad_id, side="left")
+        options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
+                       pad_token_id=pad_id)
+        padded = tiny_model.generate(**options)
+        shared_prefix = (shared, prompt_cache(tiny_model, prompts[0][:shared])) if shared else None
+        cache = prefilled_cache(tiny_model, prompts, max_new_tokens=6, shared_prefix=shared_prefix)
+        assert torch.equal(tiny_model.generate(**options, cache=cache), padded)
 
 
 def _official_scores(rows, generations):
