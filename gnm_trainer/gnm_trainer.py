@@ -2,12 +2,17 @@
 
 The data flow of one step: the forget set is the train dataset; `GNMDataCollator` pairs each forget example with a
 retain example, a random retain completion and its K gradual negatives; `compute_loss` picks the scheduled negative
-level, runs every sequence that needs gradients through the model (one forward by default) and, when a term needs
-it, the reference model once without gradients, then combines the terms of `losses.py`.
+level, runs every sequence that needs gradients through the model in one forward pass (packed into rows without
+padding, `data/packing.py`, or padded) and, when a term needs it, the reference model once without gradients, both
+projecting the LM head only where a loss reads a logit, then combines the terms of `losses.py`.
 """
 
+import contextlib
+import inspect
 import math
 import os
+import re
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -21,6 +26,7 @@ from transformers.utils import logging
 from . import losses
 from .data.collator import GNMDataCollator, select_negatives, tokenize_examples, tokenize_negatives
 from .data.loading import load_unlearning_data
+from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
 from .model_loading import from_pretrained
@@ -85,6 +91,68 @@ def pad_to_length(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor
     return F.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
+# Attention implementations that take the sequence boundaries from packed `position_ids` (masking_utils builds the
+# block-diagonal mask for the first three; FlashAttention uses its variable-length kernel).
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# A model's code hands `position_ids` to masking_utils' mask builder: a call with `position_ids=` or a kwargs dict.
+_MASK_TAKES_POSITIONS = re.compile(
+    r"(?:create_\w*mask|mask_function)\((?:[^()]|\([^()]*\))*?\bposition_ids\s*=|[\"']position_ids[\"']\s*:\s*position_ids",
+    re.S,
+)
+
+
+def packing_unsupported_reason(model) -> str | None:
+    """Why `model` cannot train on packed rows (None when it can). Read from the model's class, code and config
+    only, never from data: every process decides the same."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    config = base.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model"
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no position_ids"
+    if base.get_output_embeddings() is None:
+        return f"{type(base).__name__} has no output embeddings (LM head)"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in PACKED_ATTENTION:
+        return f"its attention implementation {implementation!r} ignores packed position_ids"
+    if not _MASK_TAKES_POSITIONS.search(inspect.getsource(sys.modules[type(base).__module__])):
+        return f"{type(base).__name__} builds its attention mask without position_ids"
+    return None
+
+
+def resolve_padding_free(padding_free: bool | None, model) -> bool:
+    """`GNMConfig.padding_free` for this model: `None` packs when the model supports it and says once when not."""
+    if padding_free is False:
+        return False
+    reason = packing_unsupported_reason(model)
+    if reason is None:
+        return True
+    if padding_free:
+        raise GNMInputError(f"padding_free: True, but this model cannot train on packed sequences: {reason}")
+    logger.warning("padding_free: the model cannot train on packed sequences (%s); padding each batch instead", reason)
+    return False
+
+
+@contextlib.contextmanager
+def logits_only_at(model, positions: torch.Tensor):
+    """Within the block, the LM head of `model` projects only the final hidden states at `positions` (flat indices
+    into rows × length): the forward returns logits (N, vocab), in the order of `positions`.
+
+    A pre-hook on the output embeddings, so the call still goes through the wrapped model (DDP, DeepSpeed and FSDP
+    hooks run) while the vocabulary-sized logits, most of a step's memory, cover only what a loss reads.
+    """
+
+    def select(_module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1])[positions], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _RetainPairingEpochCallback(TrainerCallback):
     """Tells the collator which epoch it is, so retain pairing changes every epoch and survives a resume."""
 
@@ -146,6 +214,8 @@ class GNMTrainer(Trainer):
         if train_dataset is None:
             raise GNMInputError("train_dataset: the forget set is required")
         model = self._load_model(model, args)
+        self.padding_free = resolve_padding_free(args.padding_free, model)
+        self.max_packed_length = args.max_packed_length or DEFAULT_MAX_PACKED_LENGTH
         processing_class = self._load_tokenizer(processing_class, model)
         self._check_vocabulary(model, processing_class)
 
@@ -323,25 +393,36 @@ class GNMTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Logits of every group, in one forward pass or one per group (see `GNMConfig.forward_passes`)."""
+        """Logits (N, vocab) of every group at the positions that predict its completion tokens, in sequence order
+        (they line up with `losses.completion_targets`). Packed rows in one forward pass with `padding_free`;
+        otherwise padded, in one pass or one per group (see `GNMConfig.forward_passes`)."""
         if not groups:
             return {}
-        shapes = [g["input_ids"].shape for g in groups.values()]
-        if not one_forward_pass(self.args.forward_passes, shapes, self._sum_over_processes):
-            return {
-                name: model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], use_cache=False).logits
-                for name, g in groups.items()
-            }
-        length = max(g["input_ids"].shape[1] for g in groups.values())
+        unwrapped = self.accelerator.unwrap_model(model)
         pad_id = self.processing_class.pad_token_id
-        input_ids = torch.cat([pad_to_length(g["input_ids"], length, pad_id) for g in groups.values()])
-        attention_mask = torch.cat([pad_to_length(g["attention_mask"], length, 0) for g in groups.values()])
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        sizes = [g["input_ids"].shape[0] for g in groups.values()]
-        return {
-            name: chunk[:, : g["input_ids"].shape[1]]
-            for (name, g), chunk in zip(groups.items(), torch.split(logits, sizes))
+        if self.padding_free:
+            packed = pack_groups(list(groups.values()), self.max_packed_length, pad_id)
+            with logits_only_at(unwrapped, packed.loss_positions):
+                logits = model(**packed.model_inputs(), use_cache=False).logits
+        else:
+            shapes = [g["input_ids"].shape for g in groups.values()]
+            passes = [list(groups.values())]
+            if not one_forward_pass(self.args.forward_passes, shapes, self._sum_over_processes):
+                passes = [[g] for g in groups.values()]
+            logits = torch.cat([self._padded_forward(model, unwrapped, batch, pad_id) for batch in passes])
+        sizes = [int(losses.completion_positions(g["completion_mask"]).sum()) for g in groups.values()]
+        return dict(zip(groups, torch.split(logits, sizes)))
+
+    @staticmethod
+    def _padded_forward(model, unwrapped, groups: list[dict[str, torch.Tensor]], pad_id: int) -> torch.Tensor:
+        """One padded forward pass over `groups`, each padded to their common length; logits at the loss positions."""
+        length = max(g["input_ids"].shape[1] for g in groups)
+        padded = {
+            key: torch.cat([pad_to_length(g[key], length, pad_id if key == "input_ids" else 0) for g in groups])
+            for key in GROUP_KEYS
         }
+        with logits_only_at(unwrapped, padded_loss_positions(padded["completion_mask"])):
+            return model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
 
     def _sum_over_processes(self, values: list[float]) -> list[float]:
         """`values` summed over all processes (one all-reduce, which every process must make); as is in one process."""
@@ -412,12 +493,19 @@ class GNMTrainer(Trainer):
 
         logits = self._forward(model, policy_groups)
         reference_logits = self._reference_forward(model, {name: policy_groups[name] for name in reference_names})
-        mask = lambda name: policy_groups[name]["completion_mask"]  # noqa: E731
+        targets = {  # (completion tokens, sequence of each, number of sequences) of every group
+            name: (*losses.completion_targets(g["input_ids"], g["completion_mask"]), len(g["input_ids"]))
+            for name, g in policy_groups.items()
+        }
         batch_size = inputs["forget_input_ids"].shape[0]
         nll = {  # per example: the K negatives of one example (schedule `all`) are averaged
-            name: losses.completion_nll(logits[name], group["input_ids"], mask(name)).view(batch_size, -1).mean(-1)
-            for name, group in policy_groups.items()
+            name: losses.sequence_nll(logits[name], *targets[name]).view(batch_size, -1).mean(-1)
+            for name in policy_groups
         }
+
+        def kl(name):
+            _, sequence_index, num_sequences = targets[name]
+            return losses.sequence_kl(logits[name], reference_logits[name], sequence_index, num_sequences)
 
         per_example = {}
         if "ga" in terms_enabled:
@@ -425,18 +513,16 @@ class GNMTrainer(Trainer):
         if "gd" in terms_enabled:
             per_example["gd"] = nll["retain"]
         if "klr" in terms_enabled:
-            per_example["klr"] = losses.completion_kl(logits["retain"], reference_logits["retain"], mask("retain"))
+            per_example["klr"] = kl("retain")
         if "klf" in terms_enabled:
-            forget_kl = losses.completion_kl(logits["forget"], reference_logits["forget"], mask("forget"))
-            per_example["klf"] = losses.capped_forget_kl(forget_kl, self.args.klf_cap)
+            per_example["klf"] = losses.capped_forget_kl(kl("forget"), self.args.klf_cap)
         if "rm" in terms_enabled:
             per_example["rm"] = nll["random_match"]
         if "gnm" in terms_enabled:
             per_example["gnm"] = nll["negative"]
         if "npo" in terms_enabled:
-            ids = policy_groups["forget"]["input_ids"]
-            policy_logprob = losses.completion_logprob_sum(logits["forget"], ids, mask("forget"))
-            reference_logprob = losses.completion_logprob_sum(reference_logits["forget"], ids, mask("forget"))
+            policy_logprob = losses.sequence_logprob_sum(logits["forget"], *targets["forget"])
+            reference_logprob = losses.sequence_logprob_sum(reference_logits["forget"], *targets["forget"])
             per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
         # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
         examples = self._examples_per_step(batch_size, num_items_in_batch)
