@@ -4,7 +4,8 @@
 
 One step's policy sequences of the paper's recipe (forget, retain and a negative per forget row: LUME prompts and
 completions, random batches of 8, `max_length` 512, `max_prompt_length` 384, a 4096-token tokenizer trained on them) go forward and backward through a random Llama, the tiny one of
-the tests and a ~20M one with a 50k vocabulary. Each figure is the fastest of `--repeats` runs (the machine is
+the tests and a ~20M one with a 50k vocabulary: padded (one pass), packed under each bound of the sweep, then at the
+default bound with eager and flex attention and with the logits of every position. Each figure is the fastest of `--repeats` runs (the machine is
 shared), summed over `--batches` batches. Prints one JSON line per measurement and a summary; the figures are in
 docs/performance.md, "Packed rows".
 """
@@ -88,6 +89,9 @@ def step_seconds_and_peak_bytes(model, inputs, positions, logits_only: bool) -> 
     it started (Linux: VmHWM reset through /proc/self/clear_refs; large tensors are mapped and unmapped whole)."""
     from gnm_trainer.gnm_trainer import logits_only_at
 
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system: reused, it would hide part of the peak
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")
     before = status_kib("VmRSS")
@@ -140,8 +144,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="tiny,20M")
+    parser.add_argument("--bounds", default=",".join(map(str, BOUNDS)), help="max_packed_length values of the sweep")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # BOUND,LOGITS_ONLY: one step's peak, then exit
     args = parser.parse_args()
+    from gnm_trainer.data.packing import DEFAULT_MAX_PACKED_LENGTH as DEFAULT
+
     torch.set_num_threads(1)
     steps, pad_id = step_batches(args.data, args.batches)
     if args.memory_of:
@@ -151,22 +158,22 @@ def main() -> None:
     for name in args.models.split(","):
         size = MODELS[name]
         model = build_model(size, "sdpa")
-        measure(model, steps[:1], pad_id, 2048, 1)  # warm-up
-        for bound in (None, *BOUNDS):
+        measure(model, steps[:1], pad_id, DEFAULT, 1)  # warm-up
+        for bound in (None, *map(int, args.bounds.split(","))):
             print(json.dumps({"model": name, "attention": "sdpa", "bound": bound or "padded",
                               **measure(model, steps, pad_id, bound, args.repeats)}), flush=True)  # fmt: skip
         for attention in ("eager", "flex_attention"):
             model.set_attn_implementation(attention)
             try:
-                measure(model, steps[:1], pad_id, 2048, 1)  # warm-up (flex compiles its block mask)
-                figures = measure(model, steps, pad_id, 2048, args.repeats)
+                measure(model, steps[:1], pad_id, DEFAULT, 1)  # warm-up (flex compiles its block mask)
+                figures = measure(model, steps, pad_id, DEFAULT, args.repeats)
             except NotImplementedError as error:  # torch 2.13: "FlexAttention does not support backward on CPU"
                 figures = {"error": str(error).split(".")[0]}
-            print(json.dumps({"model": name, "attention": attention, "bound": 2048, **figures}), flush=True)
+            print(json.dumps({"model": name, "attention": attention, "bound": DEFAULT, **figures}), flush=True)
         model.set_attn_implementation("sdpa")
-        print(json.dumps({"model": name, "attention": "sdpa", "bound": 2048, "logits": "all positions",
-                          **measure(model, steps, pad_id, 2048, args.repeats, logits_only=False)}), flush=True)  # fmt: skip
-        for bound, logits_only in ((None, False), (None, True), (2048, False), (2048, True)):
+        print(json.dumps({"model": name, "attention": "sdpa", "bound": DEFAULT, "logits": "all positions",
+                          **measure(model, steps, pad_id, DEFAULT, args.repeats, logits_only=False)}), flush=True)  # fmt: skip
+        for bound, logits_only in ((None, False), (None, True), (DEFAULT, False), (DEFAULT, True)):
             peak = peak_in_fresh_process(args, name, bound, logits_only)
             print(json.dumps({"model": name, "bound": bound or "padded", "logits": "completion" if logits_only
                               else "all positions", "step_peak_mib": peak}), flush=True)  # fmt: skip

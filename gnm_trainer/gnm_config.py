@@ -97,8 +97,9 @@ class GNMConfig(TrainingArguments):
             the log; `True` requires packing (an error when unsupported); `False` pads, as `forward_passes` says.
             Decided from the model alone, so every process decides the same.
         max_packed_length (`int` or `None`, defaults to `None`):
-            The most tokens in one packed row (a longer sequence gets a row of its own). `None`: 2048, where on CPU
-            one longer row started to cost more in attention than it saved (docs/performance.md, "Packed rows").
+            The most tokens in one packed row, or the longest sequence of the step when it is longer (rows are padded
+            to a common length). `None`: 512. On CPU, rows longer than the longest sequence cost more in attention
+            than the few filler tokens they save (docs/performance.md, "Packed rows").
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
 
@@ -175,7 +176,7 @@ class GNMConfig(TrainingArguments):
         },
     )
     max_packed_length: int | None = field(
-        default=None, metadata={"help": "Most tokens in one packed row; None: the measured default (2048)."}
+        default=None, metadata={"help": "Most tokens in one packed row (at least the longest sequence); None: 512, measured."}
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
     # ---- guard ----

@@ -47,6 +47,14 @@ def test_packed_rows_hold_every_token_once_with_restarting_positions():
     assert packed.loss_positions.tolist() == [7, 8, 10, 2, 3]
 
 
+def test_a_sequence_longer_than_the_bound_sets_the_row_length():
+    """Rows are padded to the longest row: up to the longest sequence, filling them is free."""
+    group = padded_group([list(range(1, 10)), list(range(1, 6)), list(range(1, 5))], [1, 1, 1])
+    packed = pack_groups([group], max_packed_length=8, pad_token_id=PAD)
+    assert packed.rows_of_sequences == [[0], [1, 2]] and packed.input_ids.shape == (2, 9)
+    assert pack_groups([group], max_packed_length=20, pad_token_id=PAD).rows_of_sequences == [[0, 1, 2]]
+
+
 def test_padded_loss_positions_are_the_completion_positions_in_sequence_order():
     group = padded_group([[11, 12, 13, 14], [21, 22]], [2, 1])
     positions = padded_loss_positions(group["completion_mask"])

@@ -22,7 +22,7 @@ from ..losses import completion_positions
 
 # The most tokens in one packed row when `GNMConfig.max_packed_length` is unset (measured: docs/performance.md,
 # "Packed rows").
-DEFAULT_MAX_PACKED_LENGTH = 2048
+DEFAULT_MAX_PACKED_LENGTH = 512
 
 
 @dataclass
@@ -62,8 +62,9 @@ def pack_groups(
 ) -> PackedRows:
     """Pack the sequences of right-padded groups (`input_ids`, `attention_mask`, `completion_mask`, each (B, T)).
 
-    Sequences are numbered over the groups in order (group 0's rows first); that numbering is the sequence order of
-    `loss_positions`.
+    Rows hold at most `max_packed_length` tokens, or as many as the longest sequence when it is longer (rows are padded
+    to a common length anyway). Sequences are numbered over the groups in order (group 0's rows first); that numbering
+    is the sequence order of `loss_positions`.
     """
     lengths = torch.cat([g["attention_mask"].sum(-1) for g in groups])
     tokens = torch.cat([g["input_ids"][g["attention_mask"].bool()] for g in groups])
@@ -72,7 +73,8 @@ def pack_groups(
         [F.pad(completion_positions(g["completion_mask"]), (1, 0))[g["attention_mask"].bool()] for g in groups]
     )
     lengths_list = lengths.tolist()
-    rows = first_fit_rows(lengths_list, max_packed_length)
+    # Every row is as long as the longest one: up to the longest sequence, filling rows costs no extra position.
+    rows = first_fit_rows(lengths_list, max(max_packed_length, *lengths_list))
     length = max(sum(lengths_list[i] for i in row) for row in rows)
 
     # Where each sequence starts in the flat (rows × length) layout and in the concatenated tokens.
