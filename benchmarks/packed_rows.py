@@ -87,7 +87,7 @@ def status_kib(field: str) -> int:
 def step_seconds_and_peak_bytes(model, inputs, positions, logits_only: bool) -> tuple[float, int]:
     """Forward + backward of the summed log-probabilities at `positions`; how far the resident set rose above where
     it started (Linux: VmHWM reset through /proc/self/clear_refs; large tensors are mapped and unmapped whole)."""
-    from gnm_trainer.gnm_trainer import logits_only_at
+    from gnm_trainer.packed_forward import logits_only_at
 
     import ctypes
 

@@ -480,7 +480,7 @@ def test_padding_free_auto_packs_supported_models_and_pads_others_with_one_log_l
     is an error naming the reason. The tiny Llama packs with sdpa and eager."""
     from transformers import BloomConfig, BloomForCausalLM
 
-    from gnm_trainer import gnm_trainer as module
+    from gnm_trainer import packed_forward as module
     from gnm_trainer.target import build_tiny_llama
 
     warnings = []
@@ -502,15 +502,19 @@ def test_padding_free_auto_packs_supported_models_and_pads_others_with_one_log_l
 
 
 def test_packing_support_is_read_from_the_model_alone(tiny_model):
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
 
-    from gnm_trainer.gnm_trainer import packing_unsupported_reason
+    from gnm_trainer.packed_forward import packing_unsupported_reason
 
     assert packing_unsupported_reason(tiny_model) is None
     tiny_model.config._attn_implementation = "paged|sdpa"
     assert "attention implementation 'paged|sdpa'" in packing_unsupported_reason(tiny_model)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     assert packing_unsupported_reason(t5) == "it is an encoder-decoder model"
+    # OPT takes position_ids but builds its mask without them: packed, its sequences would see each other.
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                   word_embed_proj_dim=16, max_position_embeddings=64))  # fmt: skip
+    assert packing_unsupported_reason(opt) == "OPTForCausalLM builds its attention mask without position_ids"
 
 
 def test_packing_options_are_checked(tmp_path):
