@@ -1,13 +1,16 @@
 """Packed rows on CPU: the row-length bound, the attention implementation, and logits only where a loss reads.
 
-    OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--data /work/shared/data/lume] [--batches 4] [--repeats 3]
+    OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--data /work/shared/data/lume] [--batches 3] [--repeats 3]
+        [--bounds 256,512,...] [--models tiny,20M]
 
 One step's policy sequences of the paper's recipe (forget, retain and a negative per forget row: LUME prompts and
-completions, random batches of 8, `max_length` 512, `max_prompt_length` 384, a 4096-token tokenizer trained on them) go forward and backward through a random Llama, the tiny one of
-the tests and a ~20M one with a 50k vocabulary: padded (one pass), packed under each bound of the sweep, then at the
-default bound with eager and flex attention and with the logits of every position. Each figure is the fastest of `--repeats` runs (the machine is
-shared), summed over `--batches` batches. Prints one JSON line per measurement and a summary; the figures are in
-docs/performance.md, "Packed rows".
+completions, random batches of 8, `max_length` 512, `max_prompt_length` 384, a 4096-token tokenizer trained on
+them) go forward and backward through a random Llama, the tiny one of the tests and a ~20M one with a 50k
+vocabulary: padded (one pass), packed under each bound of the sweep, then at the default bound with eager and flex
+attention and with the logits of every position. Each time is the fastest of `--repeats` runs (the machine is
+shared), summed over `--batches` batches. Memory is how far the resident set rose during the first batch's step
+(forward + backward), each layout in an interpreter of its own. Prints one JSON line per measurement; the figures
+are in docs/performance.md, "Packed rows".
 """
 
 import argparse

@@ -22,11 +22,10 @@ from transformers.utils import logging
 from . import losses
 from .data.collator import GNMDataCollator, select_negatives, tokenize_examples, tokenize_negatives
 from .data.loading import load_unlearning_data
-from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions
+from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions, split_per_group
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
 from .model_loading import from_pretrained
-from .packed_forward import logits_only_at, resolve_padding_free
 from .modeling import (
     adalora_checkpoint,
     is_adalora,
@@ -35,6 +34,7 @@ from .modeling import (
     save_merged,
     train_adapter,
 )
+from .packed_forward import logits_only_at, resolve_padding_free
 from .reference import (
     add_reference_adapter,
     frozen_copy,
@@ -346,7 +346,7 @@ class GNMTrainer(Trainer):
                 passes = [[g] for g in groups.values()]
             logits = torch.cat([self._padded_forward(model, unwrapped, batch, pad_id) for batch in passes])
         sizes = [int(losses.completion_positions(g["completion_mask"]).sum()) for g in groups.values()]
-        return dict(zip(groups, torch.split(logits, sizes)))
+        return dict(zip(groups, split_per_group(logits, sizes)))
 
     @staticmethod
     def _padded_forward(model, unwrapped, groups: list[dict[str, torch.Tensor]], pad_id: int) -> torch.Tensor:

@@ -99,7 +99,9 @@ def completion_nll(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
     return sequence_nll(_completion_logits(logits, completion_mask), targets, sequence_index, len(input_ids))
 
 
-def completion_logprob_sum(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+def completion_logprob_sum(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """`sequence_logprob_sum` of padded sequences (batch,)."""
     targets, sequence_index = completion_targets(input_ids, completion_mask)
     return sequence_logprob_sum(_completion_logits(logits, completion_mask), targets, sequence_index, len(input_ids))

@@ -85,7 +85,6 @@ def pack_groups(
             destination_start[sequence] = offset
             offset += lengths_list[sequence]
     device = tokens.device
-    lengths = lengths.to(device)
     source_start = torch.cumsum(lengths, 0) - lengths
     within = torch.arange(len(tokens), device=device) - torch.repeat_interleave(source_start, lengths)
     destination = torch.repeat_interleave(torch.tensor(destination_start, device=device), lengths) + within
