@@ -82,12 +82,24 @@ class GNMConfig(TrainingArguments):
         add_eos_token (`bool`, defaults to `True`):
             Append the tokenizer's end-of-sequence token to every completion.
         forward_passes (`str`, defaults to `"auto"`):
-            How the groups of sequences (forget, retain, random match, negatives) go through the model: `one` (all in
+            Padded training only (packed rows always take one pass): how the groups of sequences (forget, retain, random match, negatives) go through the model: `one` (all in
             one forward pass, padded to the longest), `per_group` (one pass per group, each padded to its own longest)
             or `auto` (one pass unless padding to the common length adds more than 25% tokens; then per group).
             In a multi-process run `auto` decides on the token counts summed over all processes (one small
             all-reduce per forward), so every process makes the same forward passes: DDP's and ZeRO-3's collectives
             stay aligned. Measured in `benchmarks/forward_modes.py`: on CPU the cost follows the padded token count.
+        padding_free (`bool` or `None`, defaults to `None`):
+            Train on packed rows: the sequences of a step (and of its reference pass) concatenated without padding,
+            `position_ids` restarting at 0 for each, from which transformers builds a block-diagonal causal mask
+            (sdpa, eager, flex attention; FlashAttention's variable-length kernel). Every loss term has the same
+            value as padded. `None` packs when the model supports it (a decoder-only model whose attention builds its
+            mask from `position_ids`, with one of those attention implementations) and otherwise pads, said once in
+            the log; `True` requires packing (an error when unsupported); `False` pads, as `forward_passes` says.
+            Decided from the model alone, so every process decides the same.
+        max_packed_length (`int` or `None`, defaults to `None`):
+            The most tokens in one packed row, or the longest sequence of the step when it is longer (rows are padded
+            to a common length). `None`: 512. On CPU, rows longer than the longest sequence cost more in attention
+            than the few filler tokens they save (docs/performance.md, "Packed rows").
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
 
@@ -156,6 +168,16 @@ class GNMConfig(TrainingArguments):
             "choices": list(FORWARD_PASSES),
         },
     )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pack the sequences of a step into rows without padding; None: when the model supports it "
+            "(otherwise pad, said once in the log), True: always (error if unsupported), False: pad."
+        },
+    )
+    max_packed_length: int | None = field(
+        default=None, metadata={"help": "Most tokens in one packed row (at least the longest sequence); None: 512, measured."}
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
     # ---- guard ----
     collapse_guard: bool = field(
@@ -219,6 +241,8 @@ class GNMConfig(TrainingArguments):
                 )
         if self.negative_schedule not in NEGATIVE_SCHEDULES:
             raise GNMInputError(f"negative_schedule: {self.negative_schedule!r}; expected one of {NEGATIVE_SCHEDULES}")
+        if self.padding_free not in (None, True, False):
+            raise GNMInputError(f"padding_free: {self.padding_free!r}; expected true, false or unset (auto)")
         if self.forward_passes not in FORWARD_PASSES:
             raise GNMInputError(f"forward_passes: {self.forward_passes!r}; expected one of {FORWARD_PASSES}")
         if self.reference_model not in REFERENCE_MODES:
@@ -259,6 +283,7 @@ class GNMConfig(TrainingArguments):
             require_number(self, name, minimum=1, integer=True)
         require_number(self, "max_length", minimum=2, integer=True)
         require_number(self, "max_prompt_length", minimum=1, integer=True)
+        require_number(self, "max_packed_length", minimum=2, integer=True)
         require_number(self, "max_steps", integer=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise GNMInputError(

@@ -2,8 +2,9 @@
 
 The data flow of one step: the forget set is the train dataset; `GNMDataCollator` pairs each forget example with a
 retain example, a random retain completion and its K gradual negatives; `compute_loss` picks the scheduled negative
-level, runs every sequence that needs gradients through the model (one forward by default) and, when a term needs
-it, the reference model once without gradients, then combines the terms of `losses.py`.
+level, runs every sequence that needs gradients through the model in one forward pass (packed into rows without
+padding, `data/packing.py`, or padded) and, when a term needs it, the reference model once without gradients, both
+projecting the LM head only where a loss reads a logit, then combines the terms of `losses.py`.
 """
 
 import math
@@ -21,6 +22,7 @@ from transformers.utils import logging
 from . import losses
 from .data.collator import GNMDataCollator, select_negatives, tokenize_examples, tokenize_negatives
 from .data.loading import load_unlearning_data
+from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions, split_per_group
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
 from .model_loading import from_pretrained
@@ -32,6 +34,7 @@ from .modeling import (
     save_merged,
     train_adapter,
 )
+from .packed_forward import logits_only_at, resolve_padding_free
 from .reference import (
     add_reference_adapter,
     frozen_copy,
@@ -146,6 +149,8 @@ class GNMTrainer(Trainer):
         if train_dataset is None:
             raise GNMInputError("train_dataset: the forget set is required")
         model = self._load_model(model, args)
+        self.padding_free = resolve_padding_free(args.padding_free, model)
+        self.max_packed_length = args.max_packed_length or DEFAULT_MAX_PACKED_LENGTH
         processing_class = self._load_tokenizer(processing_class, model)
         self._check_vocabulary(model, processing_class)
 
@@ -323,25 +328,36 @@ class GNMTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Logits of every group, in one forward pass or one per group (see `GNMConfig.forward_passes`)."""
+        """Logits (N, vocab) of every group at the positions that predict its completion tokens, in sequence order
+        (they line up with `losses.completion_targets`). Packed rows in one forward pass with `padding_free`;
+        otherwise padded, in one pass or one per group (see `GNMConfig.forward_passes`)."""
         if not groups:
             return {}
-        shapes = [g["input_ids"].shape for g in groups.values()]
-        if not one_forward_pass(self.args.forward_passes, shapes, self._sum_over_processes):
-            return {
-                name: model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], use_cache=False).logits
-                for name, g in groups.items()
-            }
-        length = max(g["input_ids"].shape[1] for g in groups.values())
+        unwrapped = self.accelerator.unwrap_model(model)
         pad_id = self.processing_class.pad_token_id
-        input_ids = torch.cat([pad_to_length(g["input_ids"], length, pad_id) for g in groups.values()])
-        attention_mask = torch.cat([pad_to_length(g["attention_mask"], length, 0) for g in groups.values()])
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        sizes = [g["input_ids"].shape[0] for g in groups.values()]
-        return {
-            name: chunk[:, : g["input_ids"].shape[1]]
-            for (name, g), chunk in zip(groups.items(), torch.split(logits, sizes))
+        if self.padding_free:
+            packed = pack_groups(list(groups.values()), self.max_packed_length, pad_id)
+            with logits_only_at(unwrapped, packed.loss_positions):
+                logits = model(**packed.model_inputs(), use_cache=False).logits
+        else:
+            shapes = [g["input_ids"].shape for g in groups.values()]
+            passes = [list(groups.values())]
+            if not one_forward_pass(self.args.forward_passes, shapes, self._sum_over_processes):
+                passes = [[g] for g in groups.values()]
+            logits = torch.cat([self._padded_forward(model, unwrapped, batch, pad_id) for batch in passes])
+        sizes = [int(losses.completion_positions(g["completion_mask"]).sum()) for g in groups.values()]
+        return dict(zip(groups, split_per_group(logits, sizes)))
+
+    @staticmethod
+    def _padded_forward(model, unwrapped, groups: list[dict[str, torch.Tensor]], pad_id: int) -> torch.Tensor:
+        """One padded forward pass over `groups`, each padded to their common length; logits at the loss positions."""
+        length = max(g["input_ids"].shape[1] for g in groups)
+        padded = {
+            key: torch.cat([pad_to_length(g[key], length, pad_id if key == "input_ids" else 0) for g in groups])
+            for key in GROUP_KEYS
         }
+        with logits_only_at(unwrapped, padded_loss_positions(padded["completion_mask"])):
+            return model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
 
     def _sum_over_processes(self, values: list[float]) -> list[float]:
         """`values` summed over all processes (one all-reduce, which every process must make); as is in one process."""
@@ -412,12 +428,19 @@ class GNMTrainer(Trainer):
 
         logits = self._forward(model, policy_groups)
         reference_logits = self._reference_forward(model, {name: policy_groups[name] for name in reference_names})
-        mask = lambda name: policy_groups[name]["completion_mask"]  # noqa: E731
+        targets = {  # (completion tokens, sequence of each, number of sequences) of every group
+            name: (*losses.completion_targets(g["input_ids"], g["completion_mask"]), len(g["input_ids"]))
+            for name, g in policy_groups.items()
+        }
         batch_size = inputs["forget_input_ids"].shape[0]
         nll = {  # per example: the K negatives of one example (schedule `all`) are averaged
-            name: losses.completion_nll(logits[name], group["input_ids"], mask(name)).view(batch_size, -1).mean(-1)
-            for name, group in policy_groups.items()
+            name: losses.sequence_nll(logits[name], *targets[name]).view(batch_size, -1).mean(-1)
+            for name in policy_groups
         }
+
+        def kl(name):
+            _, sequence_index, num_sequences = targets[name]
+            return losses.sequence_kl(logits[name], reference_logits[name], sequence_index, num_sequences)
 
         per_example = {}
         if "ga" in terms_enabled:
@@ -425,18 +448,16 @@ class GNMTrainer(Trainer):
         if "gd" in terms_enabled:
             per_example["gd"] = nll["retain"]
         if "klr" in terms_enabled:
-            per_example["klr"] = losses.completion_kl(logits["retain"], reference_logits["retain"], mask("retain"))
+            per_example["klr"] = kl("retain")
         if "klf" in terms_enabled:
-            forget_kl = losses.completion_kl(logits["forget"], reference_logits["forget"], mask("forget"))
-            per_example["klf"] = losses.capped_forget_kl(forget_kl, self.args.klf_cap)
+            per_example["klf"] = losses.capped_forget_kl(kl("forget"), self.args.klf_cap)
         if "rm" in terms_enabled:
             per_example["rm"] = nll["random_match"]
         if "gnm" in terms_enabled:
             per_example["gnm"] = nll["negative"]
         if "npo" in terms_enabled:
-            ids = policy_groups["forget"]["input_ids"]
-            policy_logprob = losses.completion_logprob_sum(logits["forget"], ids, mask("forget"))
-            reference_logprob = losses.completion_logprob_sum(reference_logits["forget"], ids, mask("forget"))
+            policy_logprob = losses.sequence_logprob_sum(logits["forget"], *targets["forget"])
+            reference_logprob = losses.sequence_logprob_sum(reference_logits["forget"], *targets["forget"])
             per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
         # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
         examples = self._examples_per_step(batch_size, num_items_in_batch)

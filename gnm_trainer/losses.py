@@ -1,9 +1,12 @@
 """The loss math of GNM as pure functions: tensors in, tensors out.
 
 Conventions:
-- `logits` is (batch, length, vocab) from a causal LM, `input_ids` and `completion_mask` are (batch, length).
-  `completion_mask` is 1 on the completion's tokens and 0 on prompt and padding; the logits at position t predict the
-  token at t + 1, so every function shifts once.
+- The math is token-level: `logits` (N, vocab) taken at the N positions that predict a completion token, `targets`
+  (N,) those tokens, and `sequence_index` (N,) the sequence each belongs to, whatever the layout the model ran on
+  (packed rows or padded batch, see `data/packing.py`). Per-sequence values are gathered with `index_add`.
+- The `completion_*` functions take the padded layout, `logits` (batch, length, vocab), `input_ids` and
+  `completion_mask` (batch, length), and select its completion positions for the same math: `completion_mask` is 1 on
+  the completion's tokens and 0 on prompt and padding; the logits at position t predict the token at t + 1.
 - Per-sequence values come back as (batch,) tensors: each is a mean over that sequence's completion tokens (so a long
   completion does not outweigh a short one), or a sum where the definition needs a sequence log-likelihood (NPO).
 - In training, the trainer sums per-example values over a micro-batch and divides by the forget examples of the whole
@@ -30,56 +33,87 @@ def completion_positions(completion_mask: torch.Tensor) -> torch.Tensor:
     return completion_mask[:, 1:].bool()
 
 
-def scatter_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(batch, length - 1) tensor holding `values` (one per selected position, in order) and 0 elsewhere."""
-    full = values.new_zeros(positions.shape)
-    full[positions] = values
-    return full
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor):
-    """Log-probability of each next token (batch, length - 1) and the matching float mask; 0 outside the mask.
-
-    The logit at position t predicts the token at t + 1: drop the last logit and the first token.
-    """
+def completion_targets(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completion tokens a loss predicts (N,) and the sequence (row) each belongs to (N,), in sequence order."""
     positions = completion_positions(completion_mask)
-    selected_logits = logits[:, :-1, :][positions].float()
-    targets = input_ids[:, 1:][positions]
-    picked = torch.gather(selected_logits, -1, targets.unsqueeze(-1)).squeeze(-1)
-    logprobs = picked - torch.logsumexp(selected_logits, dim=-1)
-    return scatter_positions(logprobs, positions), positions.float()
+    return input_ids[:, 1:][positions], positions.nonzero()[:, 0]
 
 
-def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the masked positions of each sequence; 0 for a sequence with no masked position."""
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+# ---- Token-level math: logits (N, vocab) at the positions that predict the targets (N,), a sequence index (N,). ----
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each selected position (N,), in float32."""
+    logits = logits.float()
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref ‖ p_θ) over the vocabulary at each selected position (N,).
+
+    Computed on log-probabilities of both distributions (the published code passed probabilities where
+    log-probabilities were expected, which is not a KL).
+    """
+    policy_logprobs = F.log_softmax(policy_logits.float(), dim=-1)
+    reference_logprobs = F.log_softmax(reference_logits.float(), dim=-1)
+    return F.kl_div(policy_logprobs, reference_logprobs, log_target=True, reduction="none").sum(-1)
+
+
+def per_sequence_sum(values: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(num_sequences,) sums of the token values of each sequence (0 for a sequence without tokens)."""
+    return values.new_zeros(num_sequences).index_add(0, sequence_index, values)
+
+
+def per_sequence_mean(values: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(num_sequences,) means of the token values of each sequence (0 for a sequence without tokens)."""
+    counts = per_sequence_sum(torch.ones_like(values), sequence_index, num_sequences)
+    return per_sequence_sum(values, sequence_index, num_sequences) / counts.clamp(min=1.0)
+
+
+def sequence_nll(logits, targets, sequence_index, num_sequences: int) -> torch.Tensor:
+    """NLL(x, y) per sequence: mean negative log-likelihood of the completion's tokens given everything before them."""
+    return per_sequence_mean(-token_logprobs(logits, targets), sequence_index, num_sequences)
+
+
+def sequence_logprob_sum(logits, targets, sequence_index, num_sequences: int) -> torch.Tensor:
+    """log π(y | x) per sequence: the sum of the completion tokens' log-probabilities."""
+    return per_sequence_sum(token_logprobs(logits, targets), sequence_index, num_sequences)
+
+
+def sequence_kl(policy_logits, reference_logits, sequence_index, num_sequences: int) -> torch.Tensor:
+    """KL(p_ref ‖ p_θ) averaged over each sequence's completion tokens (num_sequences,)."""
+    return per_sequence_mean(token_kl(policy_logits, reference_logits), sequence_index, num_sequences)
+
+
+# ---- The same on the padded layout: logits (batch, length, vocab), input_ids and completion_mask (batch, length). ----
+
+
+def _completion_logits(logits: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    return logits[:, :-1, :][completion_positions(completion_mask)]
 
 
 def completion_nll(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """NLL(x, y) per sequence: mean negative log-likelihood of the completion's tokens given everything before them."""
-    logprobs, mask = token_logprobs(logits, input_ids, completion_mask)
-    return masked_sequence_mean(-logprobs, mask)
+    """`sequence_nll` of padded sequences (batch,)."""
+    targets, sequence_index = completion_targets(input_ids, completion_mask)
+    return sequence_nll(_completion_logits(logits, completion_mask), targets, sequence_index, len(input_ids))
 
 
-def completion_logprob_sum(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """log π(y | x) per sequence: the sum of the completion tokens' log-probabilities."""
-    logprobs, mask = token_logprobs(logits, input_ids, completion_mask)
-    return (logprobs * mask).sum(-1)
+def completion_logprob_sum(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """`sequence_logprob_sum` of padded sequences (batch,)."""
+    targets, sequence_index = completion_targets(input_ids, completion_mask)
+    return sequence_logprob_sum(_completion_logits(logits, completion_mask), targets, sequence_index, len(input_ids))
 
 
 def completion_kl(
     policy_logits: torch.Tensor, reference_logits: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """KL(p_ref ‖ p_θ) over the vocabulary, averaged over each sequence's completion tokens (batch,).
-
-    Computed on log-probabilities of both distributions (the published code passed probabilities where
-    log-probabilities were expected, which is not a KL).
-    """
-    positions = completion_positions(completion_mask)
-    policy_logprobs = F.log_softmax(policy_logits[:, :-1, :][positions].float(), dim=-1)
-    reference_logprobs = F.log_softmax(reference_logits[:, :-1, :][positions].float(), dim=-1)
-    per_token = F.kl_div(policy_logprobs, reference_logprobs, log_target=True, reduction="none").sum(-1)
-    return masked_sequence_mean(scatter_positions(per_token, positions), positions.float())
+    """`sequence_kl` of padded sequences (batch,)."""
+    sequence_index = completion_positions(completion_mask).nonzero()[:, 0]
+    policy, reference = (_completion_logits(x, completion_mask) for x in (policy_logits, reference_logits))
+    return sequence_kl(policy, reference, sequence_index, len(completion_mask))
 
 
 def npo_loss(policy_logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float) -> torch.Tensor:

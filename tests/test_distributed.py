@@ -266,18 +266,38 @@ def effective_weights(run_dir, workspace, peft: bool) -> dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(workspace, launch_env):
+    """`run(setting, peft, padding_free=None)`: (run folder, report folder) of a 2-process run at batch 2 per process,
+    launched once per module and shared by the tests that compare it."""
+    runs = {}
+
+    def run(setting: str, peft: bool, padding_free: bool | None = None):
+        if setting.startswith("zero"):
+            assert importlib.util.find_spec("deepspeed"), "DeepSpeed is needed: pip install -e '.[deepspeed]'"
+        key = (setting, peft, padding_free)
+        if key not in runs:
+            name = f"{setting}_{'peft' if peft else 'full'}" + ("" if padding_free is None else f"_pf{int(padding_free)}")
+            run_dir, report_dir = workspace / name, workspace / f"report_{name}"
+            arguments = unlearn_arguments(workspace, run_dir, peft, batch_size=2)
+            if padding_free is not None:
+                arguments += ["--padding_free", str(padding_free).lower()]
+            launch(workspace, launch_env, SETTINGS[setting], [str(report_dir), "unlearn", *arguments])
+            runs[key] = (run_dir, report_dir)
+        return runs[key]
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("setting", "peft"),
     [("ddp", True), ("zero2", False), ("zero3", True), ("zero3", False)],
     ids=["ddp-lora", "zero2-full", "zero3-lora", "zero3-full"],
 )
-def test_two_processes_train_like_one(workspace, launch_env, baselines, setting, peft):
-    if setting.startswith("zero"):
-        assert importlib.util.find_spec("deepspeed"), "DeepSpeed is needed: pip install -e '.[deepspeed]'"
+def test_two_processes_train_like_one(workspace, two_process_runs, baselines, setting, peft):
+    """Packed rows (the default for this model) on 2 processes against 1 process."""
     name = f"{setting}_{'peft' if peft else 'full'}"
-    run_dir, report_dir = workspace / name, workspace / f"report_{name}"
-    arguments = unlearn_arguments(workspace, run_dir, peft, batch_size=2)
-    launch(workspace, launch_env, SETTINGS[setting], [str(report_dir), "unlearn", *arguments])
+    run_dir, report_dir = two_process_runs(setting, peft)
 
     ranks = reports(report_dir)
     assert [r["process_index"] for r in ranks] == [0, 1], "accelerate ran fewer than 2 processes"
@@ -312,6 +332,29 @@ def test_two_processes_train_like_one(workspace, launch_env, baselines, setting,
     assert weights <= WEIGHT_TOLERANCE
 
 
+@pytest.mark.parametrize(("setting", "peft"), [("ddp", True), ("zero2", False), ("zero3", False)],
+                         ids=["ddp-lora", "zero2-full", "zero3-full"])  # fmt: skip
+def test_two_processes_train_packed_like_padded(workspace, two_process_runs, setting, peft):
+    """The same 2-process run padded (`--padding_free false`) and packed: the first step's terms, NLLs and gradient
+    norm within 1e-5, every step within the 1-vs-2-process tolerance (Adam amplifies rounding, see the top), and the
+    trained weights alike."""
+    packed_dir, _ = two_process_runs(setting, peft)
+    padded_dir, padded_report = two_process_runs(setting, peft, padding_free=False)
+    assert [r["process_index"] for r in reports(padded_report)] == [0, 1]
+    packed, padded = logged_steps(packed_dir), logged_steps(padded_dir)
+    first_step = max(abs(packed[0][key] - padded[0][key]) for key in packed[0])
+    difference = max_difference(packed, padded)
+    weights = relative_update_difference(
+        effective_weights(packed_dir, workspace, peft),
+        effective_weights(padded_dir, workspace, peft),
+        effective_weights(None, workspace, peft),
+    )
+    print(f"\n{setting}: packed vs padded, step 1 {first_step:.2e}, 3 steps {difference:.2e}, weights {weights:.2e}")
+    assert first_step <= 1e-5
+    assert difference <= TOLERANCE
+    assert weights <= WEIGHT_TOLERANCE
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ranks with batches of very different lengths: every process makes the same collective calls
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,14 +378,19 @@ def uneven_workspace(tmp_path_factory, tiny_tokenizer):
     return write_workspace(root, model, tiny_tokenizer, forget, fact_rows("retain", 0, 8))
 
 
-@pytest.mark.parametrize(("setting", "peft"), [("ddp", True), ("zero2", False), ("zero3", False)],
-                         ids=["ddp-lora", "zero2-full", "zero3-full"])  # fmt: skip
-def test_ranks_with_batches_of_different_lengths_do_not_hang(uneven_workspace, launch_env, setting, peft):
+@pytest.mark.parametrize(("setting", "peft", "padding_free"),
+                         [("ddp", True, False), ("zero2", False, False), ("zero3", False, False), ("zero3", False, True)],
+                         ids=["ddp-lora", "zero2-full", "zero3-full", "zero3-full-packed"])  # fmt: skip
+def test_ranks_with_batches_of_different_lengths_do_not_hang(uneven_workspace, launch_env, setting, peft, padding_free):
+    """Padded, `forward_passes="auto"` must decide alike on every process; packed, every process makes one pass
+    whatever its number of rows."""
     if setting.startswith("zero"):
         assert importlib.util.find_spec("deepspeed"), "DeepSpeed is needed: pip install -e '.[deepspeed]'"
-    run_dir, report_dir = uneven_workspace / f"uneven_{setting}", uneven_workspace / f"report_uneven_{setting}"
+    name = f"uneven_{setting}_pf{int(padding_free)}"
+    run_dir, report_dir = uneven_workspace / name, uneven_workspace / f"report_{name}"
     arguments = unlearn_arguments(uneven_workspace, run_dir, peft, batch_size=1)
     arguments += ["--train_sampling_strategy", "sequential", "--forward_passes", "auto"]
+    arguments += ["--padding_free", str(padding_free).lower()]
     launch(uneven_workspace, launch_env, SETTINGS[setting], [str(report_dir), "unlearn", *arguments],
            timeout=HANG_TIMEOUT)  # fmt: skip
 

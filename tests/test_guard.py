@@ -145,15 +145,15 @@ def test_aggressive_ascent_stops_early_and_rolls_back_to_last_good_checkpoint(ti
 
 
 def nan_after(monkeypatch, calls_before_nan: int) -> None:
-    """Make `losses.completion_nll` return NaN after `calls_before_nan` calls (the trainer calls it once per group)."""
-    real_nll, calls = losses.completion_nll, []
+    """Make `losses.sequence_nll` return NaN after `calls_before_nan` calls (the trainer calls it once per group)."""
+    real_nll, calls = losses.sequence_nll, []
 
     def nll_turning_nan(*args, **kwargs):
         calls.append(1)
         value = real_nll(*args, **kwargs)
         return value * float("nan") if len(calls) > calls_before_nan else value
 
-    monkeypatch.setattr(losses, "completion_nll", nll_turning_nan)
+    monkeypatch.setattr(losses, "sequence_nll", nll_turning_nan)
 
 
 class TrainedWeightsAtSave(TrainerCallback):

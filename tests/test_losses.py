@@ -115,3 +115,28 @@ def test_completion_only_math_equals_the_all_positions_formula():
         (plain_gradient,) = torch.autograd.grad(plain.sum(), logits, retain_graph=True)  # both share all_logprobs
         assert torch.allclose(gradient, plain_gradient, atol=1e-6)
         assert gradient[:, :-1][~mask[:, 1:].bool()].abs().max() == 0
+
+
+def test_token_level_math_is_the_padded_math_in_any_token_order():
+    """The packed layout hands the losses the completion positions of all sequences in any order with a sequence
+    index: per-sequence NLL, log-likelihood and KL equal the padded functions', and a sequence without tokens gets 0."""
+    logits, input_ids, mask = random_batch()
+    reference = torch.randn_like(logits)
+    targets, sequence_index = losses.completion_targets(input_ids, mask)
+    positions = losses.completion_positions(mask)
+    selected, selected_reference = logits[:, :-1][positions], reference[:, :-1][positions]
+    shuffle = torch.randperm(len(targets), generator=torch.Generator().manual_seed(1))
+    args = (targets[shuffle], sequence_index[shuffle], 4)  # a fourth sequence with no completion token
+    nll = losses.sequence_nll(selected[shuffle], *args)
+    assert torch.allclose(nll[:3], losses.completion_nll(logits, input_ids, mask), atol=1e-6) and nll[3] == 0
+    logprob_sum = losses.sequence_logprob_sum(selected[shuffle], *args)
+    assert torch.allclose(logprob_sum[:3], losses.completion_logprob_sum(logits, input_ids, mask), atol=1e-5)
+    kl = losses.sequence_kl(selected[shuffle], selected_reference[shuffle], *args[1:])
+    assert torch.allclose(kl[:3], losses.completion_kl(logits, reference, mask), atol=1e-6) and kl[3] == 0
+
+
+def test_completion_targets_are_the_predicted_completion_tokens_in_sequence_order():
+    input_ids = torch.tensor([[5, 6, 7, 0], [8, 9, 3, 4]])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 1, 1]])  # a completion token at position 0 is predicted by nothing
+    targets, sequence_index = losses.completion_targets(input_ids, mask)
+    assert targets.tolist() == [6, 7, 3, 4] and sequence_index.tolist() == [0, 0, 1, 1]

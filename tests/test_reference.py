@@ -52,8 +52,8 @@ def test_reference_of_a_trained_adapter_is_that_adapter(tiny_model, tiny_tokeniz
     trainer = unlearning_trainer(handed_in, tiny_tokenizer, tmp_path, save_strategy="steps", save_steps=1)
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    groups = {name: {"input_ids": batch[f"{name}_input_ids"], "attention_mask": batch[f"{name}_attention_mask"]}
-              for name in ("forget", "retain")}
+    keys = ("input_ids", "attention_mask", "completion_mask")
+    groups = {name: {key: batch[f"{name}_{key}"] for key in keys} for name in ("forget", "retain")}
     with torch.no_grad():
         handed_in_logits = trainer._forward(trainer.model, groups)
     reference_logits = trainer._reference_forward(trainer.model, groups)

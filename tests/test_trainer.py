@@ -95,8 +95,10 @@ def test_ga_is_minus_gd_on_the_same_batch(tiny_model, tiny_tokenizer, tmp_path):
     assert outputs["terms"]["ga"].item() == pytest.approx(-outputs["terms"]["gd"].item(), rel=1e-6)
 
 
-def test_loss_is_unchanged_by_extra_padding(tiny_model, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=["ga", "gd", "klr", "rm", "gnm"], reference_model="copy")
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_loss_is_unchanged_by_extra_padding(tiny_model, tiny_tokenizer, tmp_path, padding_free):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=["ga", "gd", "klr", "rm", "gnm"],
+                           reference_model="copy", padding_free=padding_free)  # fmt: skip
     features = [trainer.train_dataset[i] for i in range(2)]
     batch = trainer.data_collator(features)
     padded = {}
@@ -112,9 +114,11 @@ def test_loss_is_unchanged_by_extra_padding(tiny_model, tiny_tokenizer, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("num_forget", "forward_passes"), [(4, "one"), (4, "per_group"), (3, "one")], ids=["4-one", "4-per_group", "3-one"]
+    ("num_forget", "forward_passes", "padding_free"),
+    [(4, "one", False), (4, "per_group", False), (3, "one", False), (4, "auto", True), (3, "auto", True)],
+    ids=["4-one", "4-per_group", "3-one", "4-packed", "3-packed"],
 )
-def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, num_forget, forward_passes):
+def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path, num_forget, forward_passes, padding_free):
     """One SGD step over the same N examples gives the same parameters however they are split into micro-batches:
     1×4, 2×2 and 4×1 for 4 examples; 1×3, 2+1 and 3×1 for 3 (an uneven last micro-batch: each example still
     weighs 1/3, not 1/2 for the lone one)."""
@@ -136,6 +140,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_tokenizer, tmp_path
             learning_rate=0.5,
             max_grad_norm=0.0,
             forward_passes=forward_passes,
+            padding_free=padding_free,
         )
         trainer.train()
         results.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
@@ -210,7 +215,8 @@ def test_lora_reference_is_the_untrained_base_without_a_copy(tiny_model, tiny_to
     with torch.no_grad():
         expected = original(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"]).logits
         adapted = trainer.model(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"]).logits
-    assert torch.equal(reference, expected)
+    at_completion = lambda logits: logits[:, :-1][losses.completion_positions(batch["retain_completion_mask"])]  # noqa: E731
+    torch.testing.assert_close(reference, at_completion(expected), rtol=0, atol=1e-6)
     assert not torch.allclose(adapted, expected)  # the adapter did learn something
     # The base weights inside the PEFT model are the only copy, and they were not modified.
     inner = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
@@ -377,3 +383,143 @@ def test_group_by_length_sampling_uses_the_joined_lengths(tiny_model, tiny_token
     assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == trainer.train_dataset["length"]
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed (padding-free) training equals padded training
+# ---------------------------------------------------------------------------------------------------------------
+
+ALL_TERMS = ["ga", "gd", "klr", "klf", "rm", "gnm", "npo"]
+PEFT_METHODS = {
+    "full": None,
+    "lora": LoraConfig(**LORA),
+    "adalora": AdaLoraConfig(init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1, target_modules="all-linear", total_step=4),
+}
+
+
+def logged_values(trainer):
+    """Every logged term, NLL, extra and the gradient norm, step by step."""
+    return [{k: v for k, v in e.items() if k.startswith(("loss", "nll_", "negative_level")) or k == "grad_norm"}
+            for e in trainer.state.log_history if "loss" in e]  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", ["gradual", "random", "all"])
+@pytest.mark.parametrize("method", list(PEFT_METHODS))
+def test_packed_training_equals_padded_training(tiny_tokenizer, tmp_path, method, schedule):
+    """Every term, the NLLs, the gradient norm and the trained weights are the same packed and padded (within 1e-5),
+    with gradient accumulation: 2 optimizer steps of 2 micro-batches of 2 examples, all seven terms."""
+    from gnm_trainer.target import build_tiny_llama
+
+    base = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    runs = []
+    for padding_free in (True, False):
+        trainer = make_trainer(
+            copy.deepcopy(base), tiny_tokenizer, tmp_path, peft=PEFT_METHODS[method], num_forget=8,
+            loss_terms=ALL_TERMS, negative_schedule=schedule, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, optim="sgd", learning_rate=0.5, padding_free=padding_free,
+        )  # fmt: skip
+        assert trainer.padding_free is padding_free
+        trainer.train()
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        runs.append((logged_values(trainer), weights))
+    (packed, packed_weights), (padded, padded_weights) = runs
+    assert len(packed) == 2 and [step.keys() for step in packed] == [step.keys() for step in padded]
+    assert {"loss_npo", "loss_klf", "nll_negative", "grad_norm"} <= packed[0].keys()
+    for packed_step, padded_step in zip(packed, padded):
+        for key, value in packed_step.items():
+            assert value == pytest.approx(padded_step[key], abs=1e-5), key
+    assert (packed_weights - padded_weights).abs().max() <= 1e-5
+    initial = torch.cat([p.detach().flatten() for p in base.parameters()])
+    if method == "full":
+        assert (packed_weights - initial).abs().max() > 1e-3  # the steps really changed the weights
+
+
+@pytest.mark.parametrize("method", list(PEFT_METHODS))
+def test_packed_gradients_equal_padded_gradients(tiny_tokenizer, tmp_path, method):
+    """The gradient of the loss with every term, on one batch, parameter by parameter."""
+    from gnm_trainer.target import build_tiny_llama
+
+    base = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    gradients = []
+    for padding_free in (True, False):
+        trainer = make_trainer(copy.deepcopy(base), tiny_tokenizer, tmp_path, peft=PEFT_METHODS[method],
+                               loss_terms=ALL_TERMS, negative_schedule="all", padding_free=padding_free)  # fmt: skip
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        trainer.model.train()
+        loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        loss.backward()
+        named = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        gradients.append((loss.item(), {k: v.item() for k, v in outputs["terms"].items()}, named))
+    (packed_loss, packed_terms, packed_grads), (padded_loss, padded_terms, padded_grads) = gradients
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+    assert packed_terms == pytest.approx(padded_terms, abs=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert any(g.abs().max() > 1e-4 for g in packed_grads.values())
+    for name, gradient in packed_grads.items():
+        torch.testing.assert_close(gradient, padded_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_packed_forward_projects_the_lm_head_only_where_a_loss_reads(tiny_model, tiny_tokenizer, tmp_path):
+    """Policy and reference logits have one row per completion-predicting position of the step, packed or padded."""
+    for padding_free in (True, False):
+        trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, loss_terms=["ga", "klr"], padding_free=padding_free)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        shapes = []
+        heads = [trainer.model.get_output_embeddings(), trainer.ref_model.get_output_embeddings()]  # a frozen copy
+        handles = [h.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape))) for h in heads]
+        trainer.compute_loss(trainer.model, batch)
+        for handle in handles:
+            handle.remove()
+        completion_tokens = [int(losses.completion_positions(batch[f"{name}_completion_mask"]).sum()) for name in ("forget", "retain")]
+        vocab = heads[0].out_features
+        assert shapes == [(sum(completion_tokens), vocab), (completion_tokens[1], vocab)]  # policy, then reference
+
+
+def test_padding_free_auto_packs_supported_models_and_pads_others_with_one_log_line(tiny_tokenizer, tmp_path, monkeypatch):
+    """A decoder whose forward takes no position_ids (BLOOM) trains padded under auto, said once; forcing packing
+    is an error naming the reason. The tiny Llama packs with sdpa and eager."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from gnm_trainer import packed_forward as module
+    from gnm_trainer.target import build_tiny_llama
+
+    warnings = []
+    monkeypatch.setattr(module.logger, "warning", lambda message, *args: warnings.append(message % args))
+    for attention in ("sdpa", "eager"):
+        llama = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+        llama.set_attn_implementation(attention)
+        assert make_trainer(llama, tiny_tokenizer, tmp_path, loss_terms=["ga"]).padding_free is True
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=2, n_head=2))
+    trainer = make_trainer(bloom, tiny_tokenizer, tmp_path, loss_terms=["ga", "gnm"])
+    assert trainer.padding_free is False
+    packing_lines = [w for w in warnings if w.startswith("padding_free")]
+    assert packing_lines == ["padding_free: the model cannot train on packed sequences (BloomForCausalLM.forward takes "
+                             "no position_ids); padding each batch instead"]  # fmt: skip
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    with pytest.raises(GNMInputError, match="padding_free: True, but this model cannot train on packed sequences"):
+        make_trainer(bloom, tiny_tokenizer, tmp_path, loss_terms=["ga"], padding_free=True)
+
+
+def test_packing_support_is_read_from_the_model_alone(tiny_model):
+    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from gnm_trainer.packed_forward import packing_unsupported_reason
+
+    assert packing_unsupported_reason(tiny_model) is None
+    tiny_model.config._attn_implementation = "paged|sdpa"
+    assert "attention implementation 'paged|sdpa'" in packing_unsupported_reason(tiny_model)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    assert packing_unsupported_reason(t5) == "it is an encoder-decoder model"
+    # OPT takes position_ids but builds its mask without them: packed, its sequences would see each other.
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                   word_embed_proj_dim=16, max_position_embeddings=64))  # fmt: skip
+    assert packing_unsupported_reason(opt) == "OPTForCausalLM builds its attention mask without position_ids"
+
+
+def test_packing_options_are_checked(tmp_path):
+    with pytest.raises(GNMInputError, match="padding_free: 'yes'"):
+        GNMConfig(output_dir=str(tmp_path), padding_free="yes")
+    with pytest.raises(GNMInputError, match="max_packed_length: expected a finite number >= 2"):
+        GNMConfig(output_dir=str(tmp_path), max_packed_length=1)
+    assert GNMConfig(output_dir=str(tmp_path)).padding_free is None
