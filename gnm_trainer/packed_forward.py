@@ -37,6 +37,8 @@ def packing_unsupported_reason(model) -> str | None:
         return f"{type(base).__name__}.forward takes no position_ids"
     if base.get_output_embeddings() is None:
         return f"{type(base).__name__} has no output embeddings (LM head)"
+    if not getattr(base, "_supports_attention_backend", False):  # e.g. older remote code with its own attention
+        return f"{type(base).__name__} does not use transformers' attention interface"
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in PACKED_ATTENTION:
         return f"its attention implementation {implementation!r} ignores packed position_ids"

@@ -44,7 +44,9 @@ from gnm_trainer.evaluation.generation import (
     prompt_cache,
     shared_prefix_length,
 )
-from gnm_trainer.evaluation.packed_nll import pack_by_length, packed_document_nll, supports_packed_positions
+from gnm_trainer.data.packing import first_fit_rows
+from gnm_trainer.evaluation.packed_nll import packed_document_nll
+from gnm_trainer.packed_forward import packing_unsupported_reason
 from gnm_trainer.gnm_config import PAPER_TEXT_TEMPLATE
 
 MAX_NEW_TOKENS = 8
@@ -202,7 +204,7 @@ def test_packed_nll_equals_each_document_alone_and_keeps_the_auc(tiny_model, tin
     encoded = encode_each(tiny_tokenizer, documents)
     lengths = [len(ids) for ids in encoded]
     max_row_tokens = 3 * max(lengths)
-    rows = pack_by_length(lengths, max_row_tokens)
+    rows = first_fit_rows(lengths, max_row_tokens)
     assert max(len(row) for row in rows) >= 3  # rows really hold several documents
     assert len({sum(lengths[i] for i in row) for row in rows}) > 1  # rows of different widths
     tiny_model.eval()
@@ -225,35 +227,24 @@ def test_packed_rows_restart_positions_and_carry_no_mask(tiny_model, tiny_tokeni
     assert call.get("attention_mask") is None and call["use_cache"] is False
 
 
-def test_pack_by_length_places_every_document_once_within_the_bound():
-    lengths = [5, 30, 7, 12, 3, 9, 40, 1]
-    rows = pack_by_length(lengths, 20)
-    assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
-    for row in rows:
-        assert len(row) == 1 or sum(lengths[i] for i in row) <= 20  # a longer document gets a row of its own
-    assert rows == [[6], [1], [3, 2, 7], [5, 0, 4]]  # first fit, longest first: 40 | 30 | 12+7+1 | 9+5+3
-    with pytest.raises(ValueError):
-        pack_by_length(lengths, 0)
-
-
 def test_models_that_cannot_separate_packed_documents_are_padded(tiny_model, tiny_tokenizer, forget_rows,
                                                                   monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     import gnm_trainer.evaluation.generation as generation_module
 
-    assert supports_packed_positions(tiny_model)
-    assert supports_packed_positions(get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"])))
+    assert packing_unsupported_reason(tiny_model) is None
+    assert packing_unsupported_reason(get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))) is None
     monkeypatch.setattr(type(tiny_model), "_supports_attention_backend", False)  # e.g. older remote code
-    assert not supports_packed_positions(tiny_model)
+    assert packing_unsupported_reason(tiny_model) is not None
     monkeypatch.undo()
     tiny_model.config._attn_implementation = "some_kernel"
-    assert not supports_packed_positions(tiny_model)
+    assert packing_unsupported_reason(tiny_model) is not None
     tiny_model.config._attn_implementation = "sdpa"
     documents = _texts(forget_rows)
     tiny_model.eval()
     packed = document_nll(tiny_model, tiny_tokenizer, documents, batch_size=3)
-    monkeypatch.setattr(generation_module, "supports_packed_positions", lambda model: False)
+    monkeypatch.setattr(generation_module, "packing_unsupported_reason", lambda model: "forced")
     padded = document_nll(tiny_model, tiny_tokenizer, documents, batch_size=3)
     assert padded == pytest.approx(packed, abs=1e-5)
     assert padded == pytest.approx(_loss_of_each_alone(tiny_model, tiny_tokenizer, documents), abs=1e-5)

@@ -32,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .packed_nll import mean_next_token_nll, packed_document_nll, supports_packed_positions
+from ..packed_forward import packing_unsupported_reason
+from .packed_nll import mean_next_token_nll, packed_document_nll
 
 
 def pad_token_id(tokenizer, name: str = "tokenizer") -> int:
@@ -297,7 +298,7 @@ def document_nll(
     encoded = encode_each(tokenizer, documents)
     on_cpu = model.device.type == "cpu"
     with progress_bar(len(documents), "MIA NLL", "document", show_progress) as bar:
-        if supports_packed_positions(model):
+        if packing_unsupported_reason(model) is None:
             max_row_tokens = max([PACKED_ROW_TOKENS] + [len(ids) for ids in encoded])
             rows_per_forward = 1 if on_cpu else batch_size
             return packed_document_nll(model, encoded, max_row_tokens, rows_per_forward, on_row=bar.update)

@@ -15,39 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-PACKED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
-
-
-def supports_packed_positions(model) -> bool:
-    """Whether `model` separates packed sequences by their `position_ids`: a transformers model built on its
-    attention interface (`_supports_attention_backend`) running one of `PACKED_ATTENTION_IMPLEMENTATIONS`.
-
-    Decided from the model alone (never from data). A model that does not (older remote code, another attention
-    backend) would let documents attend to each other, so it is evaluated padded instead.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a PEFT wrapper
-    implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    uses_attention_interface = bool(getattr(base, "_supports_attention_backend", False))
-    return uses_attention_interface and implementation in PACKED_ATTENTION_IMPLEMENTATIONS
-
-
-def pack_by_length(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices of sequences grouped into rows of at most `max_tokens` tokens in all (first fit, longest first); a
-    sequence longer than `max_tokens` gets a row of its own. Every index appears in exactly one row."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
-        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
-        if row is None:
-            rows.append([index])
-            room.append(max_tokens - lengths[index])
-        else:
-            rows[row].append(index)
-            room[row] -= lengths[index]
-    return rows
-
+from ..data.packing import first_fit_rows
 
 def packed_inputs(rows: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """`(input_ids, position_ids)` of shape (rows, widest row): each row's sequences end to end, positions counted
@@ -91,7 +59,7 @@ def packed_document_nll(
     documents)` is called after each row."""
     losses: list[float] = [float("nan")] * len(encoded)
     device = next(model.parameters()).device
-    rows = pack_by_length([len(ids) for ids in encoded], max_row_tokens)
+    rows = first_fit_rows([len(ids) for ids in encoded], max_row_tokens)
     for first in range(0, len(rows), rows_per_forward):
         batch = rows[first : first + rows_per_forward]
         input_ids, position_ids = packed_inputs([[encoded[i] for i in row] for row in batch])
