@@ -226,10 +226,14 @@ def push_to_hub(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def configured_repo_id(args) -> str:
+    """The repository training arguments push to: `hub_model_id`, else the output folder's name (as `Trainer` does)."""
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
 def trainer_repo_id(trainer) -> str:
-    """The repository a trainer pushes to: `hub_model_id`, else the output folder's name (as `Trainer` does)."""
-    output_name = os.path.basename(os.path.abspath(trainer.args.output_dir))
-    return trainer.hub_model_id or trainer.args.hub_model_id or output_name
+    """The repository a trainer pushes to: the one its Trainer set up, else `configured_repo_id`."""
+    return trainer.hub_model_id or configured_repo_id(trainer.args)
 
 
 def push_trainer(

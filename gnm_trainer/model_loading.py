@@ -7,6 +7,7 @@ still resolves from another working directory.
 import json
 import os
 
+from .data.loading import looks_like_local_path
 from .errors import GNMInputError, first_line, is_out_of_memory, one_line
 
 # What a bad model folder raises while loading (missing files, a truncated or corrupt weights file, a config
@@ -19,11 +20,6 @@ try:
 except ImportError:  # older safetensors: its error is not exported
     pass
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-
-
-def looks_like_local_path(name: str) -> bool:
-    """Whether `name` can only be a local path (a Hub id is `name` or `owner/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def from_pretrained(loader, name_or_path, what: str = "model", **kwargs):

@@ -173,9 +173,9 @@ def check_hub_access(training_args) -> None:
         return
     from huggingface_hub import HfApi
 
-    from ..hub import redact
+    from ..hub import configured_repo_id, redact
 
-    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    repo_id = configured_repo_id(training_args)
     failure = None
     try:
         HfApi(token=training_args.hub_token).create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)

@@ -283,9 +283,14 @@ def load_unlearning_data(source, split: str = "forget", partition: str = "train"
     return _load_hub_dataset(source, split, partition, tokenizer)
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` can only be a local path (a Hub id is `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def looks_like_hub_id(name: str) -> bool:
     """'owner/name' or 'name' without a path prefix or a data-file suffix: worth asking the Hub for."""
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if looks_like_local_path(name):
         return False
     return not name.endswith((".jsonl", ".json", ".parquet", ".csv"))
 
