@@ -32,6 +32,7 @@ def measure_evaluation(preset: Preset, data: Data, device: str) -> dict:
     """(d): evaluate_model against the organisers' loop, plus each loop's generation and NLL parts timed apart."""
     from gnm_trainer.evaluation.evaluator import evaluate_model
     from gnm_trainer.evaluation.generation import document_nll, generate_greedy
+    from gnm_trainer.evaluation.semeval import rouge_l
     from gnm_trainer.target import train_tokenizer
 
     forget = task2_rows(data.forget, preset.eval_rows // 2)
@@ -41,7 +42,10 @@ def measure_evaluation(preset: Preset, data: Data, device: str) -> dict:
     tokenizer = train_tokenizer(texts_of(forget + retain) + members + nonmembers, vocab_size=preset.vocab_size)
     model = build_model(tokenizer, preset.model, device).eval()
     batch_size, max_new_tokens = preset.eval_batch_size, preset.max_new_tokens
-    generate_greedy(model, tokenizer, [forget[0]["prompt"]], max_new_tokens=2)  # warm-up, not timed
+    # Warm-up, not timed: generation, and the scorer's first use (importing rouge_score and its stemmer costs ~1 s,
+    # which would otherwise be charged to whichever side is timed first).
+    generate_greedy(model, tokenizer, [forget[0]["prompt"]], max_new_tokens=2)
+    rouge_l("a warm-up sentence", "a warm-up sentence")
 
     start = clock(device)
     results, rows = evaluate_model(model, tokenizer, forget, retain, members, nonmembers,
