@@ -43,7 +43,7 @@ def collapse_threshold(reference: float, ratio: float, min_increase: float) -> f
 def checkpoints_before(output_dir: str, step: int) -> list[tuple[int, str]]:
     """(step, path) of every `checkpoint-<k>` folder in `output_dir` with k < `step`, oldest first."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*")):
         match = CHECKPOINT_PATTERN.match(os.path.basename(path))
         if match and os.path.isdir(path) and int(match.group(1)) < step:
             found.append((int(match.group(1)), path))

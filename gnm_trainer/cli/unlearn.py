@@ -14,6 +14,7 @@ Examples:
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import zipfile
 from dataclasses import dataclass, field
 
 from ..errors import EXIT_COLLAPSED, GNMInputError, one_line
-from ..io_utils import check_output_folder, read_yaml_file
+from ..io_utils import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +194,6 @@ def check_hub_access(training_args) -> None:
 # Resuming
 # ---------------------------------------------------------------------------------------------------------------
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
 def checkpoint_problem(checkpoint: str) -> str | None:
     """Why `checkpoint` cannot be resumed from (a half-written save), or None when it looks complete."""
     state = os.path.join(checkpoint, "trainer_state.json")
@@ -235,20 +233,16 @@ def safetensors_complete(path: str) -> bool:
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` in `output_dir` that was saved whole; newer half-written ones are skipped with
     one log line naming them. None when there is none (training starts from the beginning)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(
-        (int(match.group(1)), name)
-        for name in os.listdir(output_dir)
-        if (match := CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))
-    )
+    from ..guard import checkpoints_before
+
     skipped = []
-    for _, name in reversed(steps):
-        problem = checkpoint_problem(os.path.join(output_dir, name))
+    for _, path in reversed(checkpoints_before(output_dir, math.inf)):
+        name = os.path.basename(path)
+        problem = checkpoint_problem(path)
         if problem is None:
             if skipped:
                 logger.warning("Skipping incomplete %s; resuming from %s.", "; ".join(skipped), name)
-            return os.path.join(output_dir, name)
+            return path
         skipped.append(f"{name} ({problem})")
     if skipped:
         logger.warning(
@@ -325,13 +319,11 @@ def replaced_run_kept(trainer, output_dir: str):
 
 
 def save_run(trainer, result) -> None:
-    """The model first (with its manifest; uploaded with `push_to_hub`), then the card, metrics and state: a
-    write that fails later never costs the trained model, and a failed save over a finished run leaves that run."""
+    """The model first (with its manifest and card; uploaded with `push_to_hub`), then metrics and state: a write
+    that fails later never costs the trained model, and a failed save over a finished run leaves that run."""
     output_dir = trainer.args.output_dir
     with replaced_run_kept(trainer, output_dir):
         trainer.save_model(output_dir)
-    if trainer.is_world_process_zero():
-        trainer.create_model_card()
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
 
@@ -388,9 +380,6 @@ def collapse_message(events: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     """`gnm unlearn`; returns the exit status (EXIT_COLLAPSED when the collapse guard stopped training)."""
-    config_path = recipe_path(argv)
-    if config_path is not None and os.path.isfile(config_path):
-        read_yaml_file(config_path, "recipe")  # invalid YAML: one line naming the line, before TrlParser's traceback
     with parse_errors_in_one_line():
         script_args, training_args, model_args = parse_arguments(argv)
     trainer = run_unlearning(script_args, training_args, model_args)
@@ -422,11 +411,3 @@ def parse_errors_in_one_line():
             del TrlParser.error  # back to argparse's own
         else:
             TrlParser.error = own
-
-
-def recipe_path(argv: list[str]) -> str | None:
-    """The file given to `--config`, if any."""
-    if "--config" not in argv:
-        return None
-    position = argv.index("--config") + 1
-    return argv[position] if position < len(argv) else None
