@@ -243,3 +243,35 @@ def test_target_data_from_a_hub_id(monkeypatch):
         assert [row["id"] for row in loaded[key]] == [row["id"] for row in synthetic[key]]
         assert loaded[key][0]["input"] == synthetic[key][0]["input"]
     assert loaded["mia_member"] == [] and loaded["mia_nonmember"] == []
+
+
+def pretraining_rows(count: int = 6) -> list[dict]:
+    """Documents that are no benchmark row: the synthetic set of another seed, whole."""
+    other = make_synthetic_lume(seed=7, num_documents=count, num_validation_documents=0)
+    return [{"id": f"pre{i}", "document": row["input"] + " " + row["output"]}
+            for i, row in enumerate(other["forget_train"])]
+
+
+def test_pretraining_reads_other_documents_first_and_keeps_them_out_of_the_data(tmp_path):
+    data = make_synthetic_lume(seed=0, num_documents=2, num_validation_documents=0)
+    documents = pretraining_rows()
+    output = make_target({**data, "pretraining": documents}, str(tmp_path / "t"), **{**TINY, "pretraining_epochs": 2})
+    info = read_target_info(output)
+    assert info["pretraining"]["documents"] == len(documents) and info["pretraining"]["epochs"] == 2
+    assert len(info["pretraining"]["epoch_loss"]) == 2
+    assert info["pretraining"]["epoch_loss"][1] < info["pretraining"]["epoch_loss"][0]  # it learned from them
+    written = {name for _, _, names in os.walk(os.path.join(output, "data")) for name in names}
+    assert written and not any("pretraining" in name for name in written)
+    with_documents = data_fingerprint({**data, "pretraining": documents}, TargetConfig())
+    assert with_documents != data_fingerprint({**data, "pretraining": documents}, TargetConfig(pretraining_epochs=1))
+    # Without pretraining documents the setting does not matter: targets cached before it existed stay valid.
+    assert data_fingerprint(data, TargetConfig()) == data_fingerprint(data, TargetConfig(pretraining_epochs=1))
+
+
+def test_pretraining_on_a_benchmark_document_is_refused(tmp_path):
+    data = make_synthetic_lume(seed=0, num_documents=2, num_validation_documents=0)
+    taken = document_key(data["retain_train"][0]["id"])
+    with pytest.raises(GNMInputError, match=r"pretraining, row \d+, field 'id'.*also a benchmark"):
+        make_target({**data, "pretraining": [*pretraining_rows(1), {"id": taken, "document": "text"}]},
+                    str(tmp_path / "t"), **TINY)
+    assert not os.path.exists(tmp_path / "t")

@@ -15,12 +15,12 @@ from ..data.synthetic import write_lume_folder
 from ..errors import GNMInputError
 from ..io_utils import atomic_directory, atomic_write_json, check_output_folder
 from .config import (
-    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, TARGET_FORMAT_VERSION, TARGET_INFO_FILE, TargetConfig,
+    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION, TARGET_INFO_FILE, TargetConfig,
     default_target_dir,
 )
 from .data import load_target_data, select_documents
 from .tiny_model import build_tiny_llama, train_tokenizer
-from .training import train_until_memorised
+from .training import pretrain, train_until_memorised
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 def data_fingerprint(dataset: dict[str, list[dict]], config: TargetConfig) -> str:
     """A hash of the rows and the training configuration: equal fingerprints mean an identical target."""
     # Not the budget: rounds are deterministic, so a memorised target does not depend on how many more were allowed.
-    settings = {name: value for name, value in asdict(config).items() if name != "max_epochs"}
+    # Nor the pretraining epochs when there is nothing to pretrain on, so that earlier targets stay cached.
+    ignored = {"max_epochs"} | (set() if dataset.get(PRETRAINING_SPLIT) else {"pretraining_epochs"})
+    settings = {name: value for name, value in asdict(config).items() if name not in ignored}
     payload = {"format": TARGET_FORMAT_VERSION, "data": dataset, "config": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
@@ -80,6 +82,7 @@ def make_target(
     learning_rate: float = 1e-3,
     batch_size: int = 8,
     max_length: int = 512,
+    pretraining_epochs: int = 3,
     include_validation: bool = False,
     max_documents_per_split: int | None = None,
     tasks=None,
@@ -91,7 +94,10 @@ def make_target(
 ) -> str:
     """Train a tiny Llama that memorises a LUME-format dataset: the target model to unlearn. Returns its folder.
 
-    The tokenizer is trained on every text of the data; the model is fine-tuned with AdamW on the causal LM loss of
+    The tokenizer is trained on every text of the data. When the data has a `pretraining` split (documents that
+    are not benchmark rows), the model first reads it for `pretraining_epochs` epochs (causal LM on blocks of
+    `max_length` tokens, one cosine cycle), to gain the general language ability a real pretrained model brings
+    to its fine-tuning; that split is not written into `data/`. The model is then fine-tuned with AdamW on the causal LM loss of
     `input + " " + output` + eos for every train row of both splits, and on the MIA member documents when there
     are any, until greedy reproduction reaches the thresholds (ROUGE-L recall >= 0.95 on sc rows, exact match
     >= 0.9 on QA rows, forget and retain train): in rounds of `epochs` epochs (each a cosine cycle from
@@ -126,6 +132,7 @@ def make_target(
         learning_rate=learning_rate,
         batch_size=batch_size,
         max_length=max_length,
+        pretraining_epochs=pretraining_epochs,
         include_validation=include_validation,
         max_documents_per_split=max_documents_per_split,
         tasks=tuple(sorted(tasks)) if tasks else None,
@@ -146,12 +153,13 @@ def make_target(
         )
 
     texts = [row["input"] + " " + row["output"] for key in LUME_SPLITS for row in dataset.get(key, [])]
-    texts += [row["document"] for key in MIA_SPLITS for row in dataset.get(key, [])]
+    texts += [row["document"] for key in (*MIA_SPLITS, PRETRAINING_SPLIT) for row in dataset.get(key, [])]
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     model = build_tiny_llama(
         tokenizer, hidden_size, num_layers, num_heads, max_position_embeddings=max(1024, max_length + 256), seed=seed
     )
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pretraining = pretrain(model, tokenizer, dataset.get(PRETRAINING_SPLIT, []), config, progress)
     history = train_until_memorised(model, tokenizer, dataset, config, progress)
     model.to("cpu")
     if not history["memorised"]:
@@ -177,6 +185,7 @@ def make_target(
                 "config": asdict(config),
                 "rows": {key: len(rows) for key, rows in dataset.items()},
                 "parameters": sum(p.numel() for p in model.parameters()),
+                "pretraining": pretraining,
                 "epochs": history["epochs"],
                 "memorised": history["memorised"],
                 "memorisation": history["memorisation"],

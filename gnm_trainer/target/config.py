@@ -13,6 +13,9 @@ TARGET_FORMAT_VERSION = 1
 DEFAULT_ROUNDS = 4
 LUME_SPLITS = ("forget_train", "retain_train", "forget_validation", "retain_validation")
 MIA_SPLITS = ("mia_member", "mia_nonmember")
+# Documents the target reads before it memorises anything (general language ability, as OLMo had before the
+# organisers fine-tuned it); rows shaped like MIA rows: id, document.
+PRETRAINING_SPLIT = "pretraining"
 
 
 def default_target_dir() -> str:
@@ -38,6 +41,7 @@ class TargetConfig:
     learning_rate: float = 1e-3
     batch_size: int = 8
     max_length: int = 512
+    pretraining_epochs: int = 3  # epochs over the `pretraining` documents, when the data has any
     include_validation: bool = False
     max_documents_per_split: int | None = None
     tasks: tuple[str, ...] | None = None
@@ -50,6 +54,8 @@ class TargetConfig:
         ):
             if getattr(self, name) < 1:
                 raise GNMInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.pretraining_epochs < 0:
+            raise GNMInputError(f"pretraining_epochs must be 0 or more, got {self.pretraining_epochs}")
         if self.hidden_size % self.num_heads:
             raise GNMInputError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
         if not self.learning_rate > 0 or self.learning_rate == float("inf"):  # a NaN fails `> 0`

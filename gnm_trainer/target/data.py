@@ -6,7 +6,7 @@ import random
 
 from ..data.loading import classify_kind
 from ..errors import GNMInputError, where
-from .config import LUME_SPLITS, MIA_SPLITS
+from .config import LUME_SPLITS, MIA_SPLITS, PRETRAINING_SPLIT
 
 
 def document_key(row_id: str) -> str:
@@ -54,9 +54,10 @@ def _has_validation_files(folder: str, split: str) -> bool:
 def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]]:
     """The dataset a target is trained on, shaped like `make_synthetic_lume`'s output.
 
-    `data` is None (the synthetic default for `seed`), a LUME-format folder (validation files and `mia/` are
-    optional there), a Hub dataset id with LUME's splits (no MIA documents then) or a dict shaped like
-    `make_synthetic_lume`'s output.
+    `data` is None (the synthetic default for `seed`), a LUME-format folder (validation files, `mia/` and
+    `pretraining.jsonl` are optional there), a Hub dataset id with LUME's splits (no MIA documents then) or a dict
+    shaped like `make_synthetic_lume`'s output. The optional `pretraining` split (rows with `id` and `document`)
+    holds documents the target reads before it memorises the rest; none of them may be a benchmark row.
     """
     from ..data.loading import looks_like_hub_id, read_records
     from ..data.synthetic import make_synthetic_lume
@@ -69,7 +70,7 @@ def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]
             if data.get(key):
                 split, partition = key.split("_")
                 loaded[key] = _lume_rows(list(data[key]), split, partition, key)
-        for key in MIA_SPLITS:
+        for key in (*MIA_SPLITS, PRETRAINING_SPLIT):
             loaded[key] = _mia_rows(list(data.get(key) or []), key)
     elif isinstance(data, str) and not os.path.exists(data) and looks_like_hub_id(data):
         loaded = {key: _lume_rows(data, *key.split("_"), f"{data}[{key}]") for key in LUME_SPLITS}
@@ -86,12 +87,26 @@ def load_target_data(data=None, seed: int = 0) -> dict[str, list[dict[str, str]]
         for key, file_name in zip(MIA_SPLITS, ("member.jsonl", "nonmember.jsonl")):
             path = os.path.join(folder, "mia", file_name)
             loaded[key] = _mia_rows(read_records(path), path) if os.path.isfile(path) else []
+        path = os.path.join(folder, f"{PRETRAINING_SPLIT}.jsonl")
+        loaded[PRETRAINING_SPLIT] = _mia_rows(read_records(path), path) if os.path.isfile(path) else []
     else:
         raise GNMInputError(f"data: expected None, a LUME-format folder or a dict of splits, got {type(data).__name__}")
     for key in ("forget_train", "retain_train"):
         if not loaded.get(key):
             raise GNMInputError(f"data: the {key} split is missing or empty")
+    check_pretraining_is_apart(loaded)
     return loaded
+
+
+def check_pretraining_is_apart(dataset: dict[str, list[dict]]) -> None:
+    """A GNMInputError naming the first pretraining row whose id is a benchmark document or an MIA document: text
+    the target pretrains on must not be what it is later asked to forget, retain or be attacked on."""
+    benchmark = {document_key(row["id"]) for key in LUME_SPLITS for row in dataset.get(key, [])}
+    benchmark |= {row["id"] for key in MIA_SPLITS for row in dataset.get(key, [])}
+    for index, row in enumerate(dataset.get(PRETRAINING_SPLIT, [])):
+        if row["id"] in benchmark:
+            raise GNMInputError(f"{where(PRETRAINING_SPLIT, index, 'id')}: {row['id']!r} is also a benchmark or MIA "
+                                "document; pretraining documents must be other text")
 
 
 def draw_documents(rows: list[dict], limit: int | None, rng: random.Random) -> set[str]:
@@ -143,6 +158,7 @@ def select_documents(
         chosen_indices = sorted(rng.sample(range(len(nonmembers)), len(members)))
         nonmembers = [nonmembers[i] for i in chosen_indices]
     selected["mia_member"], selected["mia_nonmember"] = members, nonmembers
+    selected[PRETRAINING_SPLIT] = list(dataset.get(PRETRAINING_SPLIT, []))
     for key in ("forget_train", "retain_train"):
         if not selected.get(key):
             raise GNMInputError(f"data: no {key} rows left after keeping tasks {list(tasks or [])}")

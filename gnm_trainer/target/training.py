@@ -106,6 +106,67 @@ def warmup_cosine(step: int, total_steps: int, warmup_fraction: float = 0.05) ->
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def pretraining_blocks(tokenizer, documents: list[dict], max_length: int) -> list[TrainingExample]:
+    """Every pretraining document (bos + text + eos) cut into blocks of at most `max_length` tokens."""
+    blocks = []
+    for row in documents:
+        ids = tokenizer(row["document"])["input_ids"] + [tokenizer.eos_token_id]
+        blocks.extend(
+            TrainingExample(ids[start : start + max_length], 1, "other", "pretraining")
+            for start in range(0, len(ids), max_length)
+            if len(ids[start : start + max_length]) > 1
+        )
+    return blocks
+
+
+def run_epoch(model, optimizer, scheduler, examples, batches, pad_token_id: int, on_batch=None) -> float:
+    """One pass of AdamW (gradient norm clipped at 1) over `batches` of `examples`; returns the mean token loss.
+    `on_batch(batch_indices, logits, input_ids)` sees every batch's outputs."""
+    import torch
+
+    model.train()
+    total_loss, total_tokens = 0.0, 0
+    for batch_indices in batches:
+        batch = [examples[i] for i in batch_indices]
+        input_ids, attention_mask, labels = (t.to(model.device) for t in pad_batch(batch, pad_token_id))
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        outputs.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if on_batch is not None:
+            on_batch(batch_indices, outputs.logits.detach(), input_ids)
+        tokens = int(attention_mask.sum()) - len(batch)
+        total_loss += float(outputs.loss.detach()) * tokens
+        total_tokens += tokens
+    return total_loss / max(1, total_tokens)
+
+
+def pretrain(model, tokenizer, documents: list[dict], config: TargetConfig, progress: bool = True) -> dict | None:
+    """Causal LM training on `documents` (rows with `document`) for `config.pretraining_epochs` epochs, one warm-up
+    and cosine cycle from `config.learning_rate`: the general ability the target has before it memorises the
+    benchmark. Returns the figures (documents, blocks, tokens, epoch losses), or None when there is nothing to do."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not documents or config.pretraining_epochs == 0:
+        return None
+    blocks = pretraining_blocks(tokenizer, documents, config.max_length)
+    lengths = [len(block.input_ids) for block in blocks]
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    total_steps = config.pretraining_epochs * math.ceil(len(blocks) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps))
+    epoch_loss = []
+    for epoch in tqdm(range(1, config.pretraining_epochs + 1), desc="pretraining", unit="epoch", disable=not progress):
+        batches = length_grouped_batches(lengths, config.batch_size, generator)
+        epoch_loss.append(round(run_epoch(model, optimizer, scheduler, blocks, batches, tokenizer.pad_token_id), 5))
+        logger.info("make-target pretraining epoch %d: loss %.4f", epoch, epoch_loss[-1])
+    return {"documents": len(documents), "blocks": len(blocks), "tokens": sum(lengths),
+            "epochs": config.pretraining_epochs, "epoch_loss": epoch_loss}
+
+
 def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progress: bool = True) -> dict:
     """Fine-tune `model` with AdamW on the full-sequence causal LM loss until greedy reproduction of the train rows
     of both splits passes the thresholds; returns the training history (`memorised` says whether it did).
@@ -124,29 +185,19 @@ def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step % round_steps, round_steps)
     )
-    device = model.device
     history: dict = {"epoch_loss": [], "greedy_checks": []}
     report: dict = {}
     bar = tqdm(range(1, config.max_epochs + 1), desc="make-target", unit="epoch", disable=not progress)
     for epoch in bar:
-        model.train()
         fractions = [0.0] * len(examples)
-        total_loss, total_tokens = 0.0, 0
-        for batch_indices in length_grouped_batches(lengths, config.batch_size, generator):
+
+        def record_fractions(batch_indices, logits, input_ids):
             batch = [examples[i] for i in batch_indices]
-            input_ids, attention_mask, labels = (t.to(device) for t in pad_batch(batch, tokenizer.pad_token_id))
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-            optimizer.zero_grad(set_to_none=True)
-            outputs.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            for i, fraction in zip(batch_indices, reproduced_fraction(outputs.logits.detach(), input_ids, batch)):
+            for i, fraction in zip(batch_indices, reproduced_fraction(logits, input_ids, batch)):
                 fractions[i] = fraction
-            tokens = int(attention_mask.sum()) - len(batch)
-            total_loss += float(outputs.loss.detach()) * tokens
-            total_tokens += tokens
-        loss = total_loss / max(1, total_tokens)
+
+        batches = length_grouped_batches(lengths, config.batch_size, generator)
+        loss = run_epoch(model, optimizer, scheduler, examples, batches, tokenizer.pad_token_id, record_fractions)
         proxy = proxy_memorisation(fractions, examples)
         history["epoch_loss"].append(round(loss, 5))
         bar.set_postfix(loss=f"{loss:.4f}", sc=f"{proxy['sc']:.2f}", qa=f"{proxy['qa']:.2f}")
