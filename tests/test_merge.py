@@ -202,3 +202,40 @@ def test_a_non_empty_output_dir_is_replaced_only_when_asked(adapters, tmp_path, 
     assert status == 0, error
     assert not (output / "keep.txt").exists() and (output / "adapter_model.safetensors").is_file()
     assert sorted(os.listdir(tmp_path)) == ["merged"]  # no temporary folder left beside it
+
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def merging_section_commands(model):
+    """The commands of the "Adapter merging (ZJUKLAB)" section of a recipe README, as argument lists."""
+    import re
+    import shlex
+
+    with open(os.path.join(ROOT, "recipes", model, "semeval25", "README.md"), encoding="utf-8") as handle:
+        section = handle.read().split("## Adapter merging (ZJUKLAB)", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ")
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
+def test_the_recipe_merging_section_parses(model, monkeypatch):
+    """The two documented runs parse strictly and are what the section says: NPO+GD+KL, rank 32, one weighting
+    forgetting higher with twice the steps; the merge line names both runs and keeps ZJUKLAB's defaults."""
+    from gnm_trainer.cli import _build_argparse_parser
+    from gnm_trainer.cli.unlearn import parse_arguments
+
+    monkeypatch.chdir(ROOT)
+    commands = merging_section_commands(model)
+    assert [command[:2] for command in commands] == [["gnm", "unlearn"]] * 2 + [["gnm", "merge"], ["gnm", "evaluate"]]
+    # bf16 is overridden only because this CPU cannot train in bf16.
+    runs = [parse_arguments([*command[2:], "--bf16", "false"]) for command in commands[:2]]
+    over, under = (training_args for _, training_args, _ in runs)
+    assert over.loss_weights == {"npo": 0.4, "gd": 0.2, "klr": 0.4}
+    assert under.loss_weights == {"npo": 0.3, "gd": 0.4, "klr": 0.3}
+    assert over.max_steps == 2 * under.max_steps
+    assert all((model_args.lora_r, model_args.lora_alpha) == (32, 32) for _, _, model_args in runs)
+    parser, _ = _build_argparse_parser()
+    merge = parser.parse_args(commands[2][1:])
+    assert merge.adapters == [over.output_dir, under.output_dir]
+    assert (merge.combination_type, merge.density, merge.weights) == ("ties", 0.8, None)
