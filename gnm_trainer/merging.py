@@ -25,8 +25,11 @@ MAJORITY_SIGN_METHODS = ("total", "frequency")
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # adapter_config.json fields that must agree between the sources for PEFT to merge them into one adapter.
 MATCHING_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern")
-# Switches whose merged adapter PEFT would scale or store wrongly: refused rather than merged silently.
-UNSUPPORTED_SWITCHES = ("use_dora", "use_rslora")
+# Switches whose merged adapter PEFT would get wrong (checked with PEFT 0.21): refused rather than merged silently.
+UNSUPPORTED_SWITCHES = {
+    "use_rslora": "PEFT's merged adapter keeps rsLoRA's scaling on top of the sources' folded one (sqrt(r) too large)",
+    "use_dora": "PEFT merges the LoRA factors but not DoRA's magnitude vectors",
+}
 MERGED_ADAPTER = "default"  # PEFT saves the adapter named "default" at the top of the folder
 
 
@@ -79,7 +82,9 @@ def merge_adapters(
         "majority_sign_method": majority_sign_method,
         "weights": weights,
         "base_model": model.peft_config[MERGED_ADAPTER].base_model_name_or_path,
-        "sources": [{"path": os.path.abspath(path), "r": config.get("r")} for path, config in zip(adapter_dirs, configs)],
+        "sources": [
+            {"path": os.path.abspath(path), "r": config.get("r")} for path, config in zip(adapter_dirs, configs)
+        ],
     }
     with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging)
@@ -140,9 +145,11 @@ def read_lora_config(adapter_dir: str) -> dict[str, Any]:
             f"{config_path}: field 'peft_type' is {peft_type!r}; only LoRA adapters can be merged (PEFT's "
             "add_weighted_adapter); train with --peft_method lora"
         )
-    for switch in UNSUPPORTED_SWITCHES:
+    for switch, reason in UNSUPPORTED_SWITCHES.items():
         if config.get(switch):
-            raise GNMInputError(f"{config_path}: field '{switch}' is true; merging supports plain LoRA adapters only")
+            raise GNMInputError(
+                f"{config_path}: field '{switch}' is true; only plain LoRA adapters can be merged ({reason})"
+            )
     if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in WEIGHT_FILES):
         raise GNMInputError(f"{adapter_dir}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
     return config

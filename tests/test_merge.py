@@ -112,8 +112,9 @@ def test_gnm_merge_is_ties_on_the_lora_factors_and_leaves_the_sources(adapters, 
     factors = [lora_factors(path) for path in sources]
     for module, (merged_a, merged_b, merged_scaling) in merged.items():
         factor_weights = [(weight * source[module][2]) ** 0.5 for weight, source in zip((1.0, 0.5), factors)]
-        torch.testing.assert_close(merged_a, ties_by_hand([source[module][0] for source in factors], factor_weights, 0.5))
-        torch.testing.assert_close(merged_b, ties_by_hand([source[module][1] for source in factors], factor_weights, 0.5))
+        a_factors, b_factors = [source[module][0] for source in factors], [source[module][1] for source in factors]
+        torch.testing.assert_close(merged_a, ties_by_hand(a_factors, factor_weights, 0.5))
+        torch.testing.assert_close(merged_b, ties_by_hand(b_factors, factor_weights, 0.5))
         assert merged_scaling == 1.0
     assert [file_hashes(path) for path in sources] == before
     info = json.loads((tmp_path / "merged" / MERGE_INFO_FILE).read_text())
@@ -165,6 +166,12 @@ BAD_INPUTS = {
     "not an adapter": (lambda a, tmp: [a["a"], a["base"]], [], "not a PEFT adapter folder"),
     "AdaLoRA adapter": (
         lambda a, tmp: [a["a"], edited_copy(a["b"], tmp / "ada", peft_type="ADALORA")], [], "'peft_type' is 'ADALORA'"
+    ),
+    "rsLoRA adapter": (
+        lambda a, tmp: [a["a"], edited_copy(a["b"], tmp / "rs", use_rslora=True)], [], "field 'use_rslora' is true"
+    ),
+    "DoRA adapter": (
+        lambda a, tmp: [edited_copy(a["a"], tmp / "dora", use_dora=True), a["b"]], [], "field 'use_dora' is true"
     ),
     "no weights": (lambda a, tmp: [a["a"], without_weights(a["b"], tmp / "empty")], [], "no adapter weights"),
     "other base model": (
