@@ -13,7 +13,8 @@ from typing import Any
 from .errors import GNMInputError
 from .io_utils import atomic_directory, atomic_write_json, atomic_write_text, check_output_folder, read_json_file
 
-# ZJUKLAB's setting: both adapters at weight 1.0, TIES keeping 80% of the entries of each update.
+# ZJUKLAB's setting (their released code, zjunlp/unlearn semeval25): both adapters at weight 1.0, TIES keeping 80%
+# of the entries of each update.
 DEFAULT_DENSITY = 0.8
 DEFAULT_WEIGHT = 1.0
 MERGE_INFO_FILE = "merge_info.json"
@@ -50,8 +51,9 @@ def merge_adapters(
         output_dir: where the merged adapter, its tokenizer, `merge_info.json` and `README.md` are written; the
             folder appears whole or not at all. An existing non-empty folder is refused unless
             `overwrite_output_dir`.
-        weights: one weight per adapter (default 1.0 each, ZJUKLAB's setting). PEFT folds each adapter's LoRA
-            scaling into its weight, so the merged adapter has `lora_alpha == r`.
+        weights: one weight per adapter (default 1.0 each, as ZJUKLAB merged; their defaults are read from the
+            team's released code). PEFT folds each adapter's LoRA scaling into its weight, so the merged adapter
+            has `lora_alpha == r`.
         combination_type: `ties` (default, ZJUKLAB's), `linear` or `ties_svd` (PEFT's names). PEFT's `ties` and
             `linear` merge the LoRA A and B factors separately and need the same rank `r`; `ties_svd` merges the
             full weight updates and factorises the result back to the largest rank.
