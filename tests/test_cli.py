@@ -18,7 +18,7 @@ def test_an_unknown_command_lists_every_command_on_one_line(capsys):
     assert main(["foo"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "unknown command 'foo'" in error
-    for command in ("unlearn", "negatives", "evaluate", "make-target", "demo"):
+    for command in ("unlearn", "negatives", "evaluate", "merge", "make-target", "demo"):
         assert command in error
 
 

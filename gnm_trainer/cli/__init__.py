@@ -26,6 +26,7 @@ from .options import GNMArgumentParser, read_recipe, recipe_path
 ARGPARSE_COMMANDS = {
     "negatives": "negatives",
     "evaluate": "evaluate",
+    "merge": "merge",
     "make-target": "make_target",
     "demo": "demo",
 }
@@ -39,6 +40,7 @@ commands:
   unlearn      unlearn a model with GNMTrainer (a YAML recipe and/or flags)
   negatives    generate gradual negatives for a forget set
   evaluate     score a model with the SemEval-2025 Task 4 metric
+  merge        merge LoRA adapters into one with TIES (ZJUKLAB's SemEval-2025 recipe)
   make-target  train a tiny model that memorises a LUME-format dataset
   demo         the whole pipeline end to end on the embedded synthetic default
 
