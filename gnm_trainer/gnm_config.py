@@ -13,7 +13,7 @@ from .losses import LOSS_TERMS, TERMS_NEEDING_REFERENCE
 
 # The paper's reported recipe (authors' code): terms ga, klr, gnm; their other defaults for the remaining terms.
 PAPER_LOSS_TERMS = ["ga", "klr", "gnm"]
-DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0}
+DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0, "simnpo": 1.0}
 NEGATIVE_SCHEDULES = ("gradual", "random", "all")
 REFERENCE_MODES = ("auto", "adapter_disabled", "copy", "none")
 FORWARD_PASSES = ("auto", "one", "per_group")
@@ -50,12 +50,17 @@ class GNMConfig(TrainingArguments):
         loss_terms (`list[str]`, defaults to `["ga", "klr", "gnm"]`):
             Terms of the loss, among `ga` (gradient ascent on forget), `gd` (gradient descent on retain), `klr` (KL to
             the reference on retain), `klf` (capped KL ascent on forget), `rm` (random matching: forget prompts with
-            retain completions), `gnm` (gradual negative matching) and `npo` (negative preference optimisation).
-        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight (`float` or `None`):
-            Weight of each term. `None` takes the paper's value (ga 0.5, gd 5, klr 5, klf 1, rm 1, gnm 0.04, npo 1).
-            Setting a weight for a term that is not in `loss_terms` is an error.
+            retain completions), `gnm` (gradual negative matching), `npo` (negative preference optimisation) and `simnpo`
+            (SimNPO: NPO on the forget completion's mean NLL, without a reference model).
+        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight, simnpo_weight (`float` or `None`):
+            Weight of each term. `None` takes the paper's value (ga 0.5, gd 5, klr 5, klf 1, rm 1, gnm 0.04, npo 1;
+            simnpo 1). Setting a weight for a term that is not in `loss_terms` is an error.
         npo_beta (`float`, defaults to `0.1`):
             β of NPO.
+        simnpo_beta (`float`, defaults to `4.5`), simnpo_delta (`float`, defaults to `0.0`):
+            SimNPO's loss per forget sequence is −(2/β)·log σ(β·(NLL_mean − δ)). δ is the margin in nats on the mean
+            NLL, open-unlearning's convention; the paper's γ is β·δ. The defaults are open-unlearning's SimNPO config
+            (β 4.5, δ 0); the paper tunes β per benchmark (e.g. 2.5 on TOFU) with γ 0 on most.
         klf_cap (`float` or `None`, defaults to `5.0`):
             The `klf` term is −min(KL, cap) per sequence: the KL ascent stops pushing once a sequence is this far from
             the reference. `None` removes the cap (unbounded; not recommended).
@@ -138,7 +143,12 @@ class GNMConfig(TrainingArguments):
     rm_weight: float | None = field(default=None, metadata={"help": "Weight of `rm`; None: the paper's 1."})
     gnm_weight: float | None = field(default=None, metadata={"help": "Weight of `gnm`; None: the paper's 0.04."})
     npo_weight: float | None = field(default=None, metadata={"help": "Weight of `npo`; None: the paper's 1."})
+    simnpo_weight: float | None = field(default=None, metadata={"help": "Weight of `simnpo`; None: 1."})
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
+    simnpo_beta: float = field(default=4.5, metadata={"help": "β of SimNPO (open-unlearning's 4.5)."})
+    simnpo_delta: float = field(
+        default=0.0, metadata={"help": "SimNPO's margin δ in nats on the mean forget NLL (the paper's γ = β·δ)."}
+    )
     klf_cap: float | None = field(
         default=5.0, metadata={"help": "Cap of the forget KL per sequence (nats); None for no cap."}
     )
@@ -274,8 +284,9 @@ class GNMConfig(TrainingArguments):
         """Every number in range and finite (a NaN passes `x <= 0` checks and trains garbage)."""
         for name in [f"{term}_weight" for term in self.loss_terms] + ["weight_decay", "max_grad_norm", "warmup_ratio"]:
             require_number(self, name, minimum=0)
-        for name in ("learning_rate", "npo_beta", "collapse_retain_nll_ratio"):
+        for name in ("learning_rate", "npo_beta", "simnpo_beta", "collapse_retain_nll_ratio"):
             require_number(self, name, above=0)
+        require_number(self, "simnpo_delta", minimum=0)
         require_number(self, "collapse_min_retain_nll_increase", minimum=0)
         if self.klf_cap is not None:
             require_number(self, "klf_cap", above=0)

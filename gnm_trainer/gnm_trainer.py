@@ -106,7 +106,7 @@ class AdaLoraAllocationCallback(TrainerCallback):
 
 
 class GNMTrainer(Trainer):
-    """Unlearn a causal LM with any mix of the GNM loss terms (`ga`, `gd`, `klr`, `klf`, `rm`, `gnm`, `npo`).
+    """Unlearn a causal LM with any mix of the loss terms (`ga`, `gd`, `klr`, `klf`, `rm`, `gnm`, `npo`, `simnpo`).
 
     Args:
         model: a `PreTrainedModel` or a Hub id / local path (loaded with `args.model_init_kwargs`).
@@ -459,6 +459,8 @@ class GNMTrainer(Trainer):
             policy_logprob = losses.sequence_logprob_sum(logits["forget"], *targets["forget"])
             reference_logprob = losses.sequence_logprob_sum(reference_logits["forget"], *targets["forget"])
             per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
+        if "simnpo" in terms_enabled:
+            per_example["simnpo"] = losses.simnpo_loss(nll["forget"], self.args.simnpo_beta, self.args.simnpo_delta)
         # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
         examples = self._examples_per_step(batch_size, num_items_in_batch)
         step_shares = {name: values.sum() / examples for name, values in per_example.items()}
