@@ -316,6 +316,7 @@ class GNMTrainer(Trainer):
             if peft_config.total_step not in (None, total_step):
                 logger.warning("AdaLoRA total_step %s replaced by the training length %s.", peft_config.total_step, total_step)
             peft_config = dataclasses.replace(peft_config, total_step=total_step)
+        check_layers_to_transform(peft_config, model)
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         try:
@@ -603,6 +604,22 @@ def check_adalora_is_supported() -> None:
         raise GNMInputError(
             "peft_config: AdaLoRA is not supported under DeepSpeed ZeRO-3 (its orthogonality regulariser needs the "
             "whole adapter matrices); use ZeRO-2 or DDP, or LoRA under ZeRO-3"
+        )
+
+
+def check_layers_to_transform(peft_config, model) -> None:
+    """A one-line error naming the option when PEFT's `layers_to_transform` picks a layer the model does not have
+    (PEFT itself skips such an index silently, or fails only when no layer at all matches)."""
+    layers = getattr(peft_config, "layers_to_transform", None)
+    if layers is None:
+        return
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    outside = [index for index in layers if num_layers is not None and not 0 <= index < num_layers]
+    if outside:
+        raise GNMInputError(
+            f"lora_layers_to_transform (peft_config.layers_to_transform): layer(s) {outside} outside the model's "
+            f"{num_layers} layers; expected indices from 0 to {num_layers - 1}"
         )
 
 
