@@ -107,6 +107,13 @@ class GNMConfig(TrainingArguments):
             than the few filler tokens they save (docs/performance.md, "Packed rows").
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
+        forget_chunks (`int`, defaults to `1`), epochs_per_chunk (`int`, defaults to `1`):
+            Chunked sequential unlearning (AILS-NTUA, arXiv 2503.02443): the forget set is split (seeded) into
+            `forget_chunks` disjoint chunks, unlearned one after another, each for `epochs_per_chunk` passes with its
+            rows shuffled at every pass; each forget row is paired with one retain row, and the retain rows keep
+            cycling through the retain set from pass to pass and chunk to chunk. One Trainer epoch is the whole
+            schedule (`forget rows × epochs_per_chunk` examples); `num_train_epochs` or `max_steps` repeat it. 1 and 1:
+            the Trainer's own sampling.
 
     Parameters that guard the run:
 
@@ -189,6 +196,11 @@ class GNMConfig(TrainingArguments):
         default=None, metadata={"help": "Most tokens in one packed row (at least the longest sequence); None: 512, measured."}
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
+    forget_chunks: int = field(
+        default=1,
+        metadata={"help": "Split the forget set into this many disjoint chunks, unlearned one after another; 1: off."},
+    )
+    epochs_per_chunk: int = field(default=1, metadata={"help": "Passes over each forget chunk before the next one."})
     # ---- guard ----
     collapse_guard: bool = field(
         default=True, metadata={"help": "Stop (and roll back) when the retain NLL explodes or a loss is not finite."}
@@ -273,6 +285,11 @@ class GNMConfig(TrainingArguments):
             raise GNMInputError(
                 f"text_template: {self.text_template!r} must contain '{{prompt}}' followed by '{{completion}}'"
             )
+        if self.chunked_schedule and self.train_sampling_strategy != "random":
+            raise GNMInputError(
+                f"train_sampling_strategy: {self.train_sampling_strategy!r} cannot order a chunked schedule "
+                "(forget_chunks/epochs_per_chunk above 1); leave it 'random'"
+            )
         if self.remove_unused_columns:
             raise GNMInputError("remove_unused_columns: must be False for GNMTrainer (the collator needs its columns)")
         from .distributed import apply_cpu_launch_defaults
@@ -290,7 +307,10 @@ class GNMConfig(TrainingArguments):
         require_number(self, "collapse_min_retain_nll_increase", minimum=0)
         if self.klf_cap is not None:
             require_number(self, "klf_cap", above=0)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window"):
+        for name in (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window",
+            "forget_chunks", "epochs_per_chunk",
+        ):  # fmt: skip
             require_number(self, name, minimum=1, integer=True)
         require_number(self, "max_length", minimum=2, integer=True)
         require_number(self, "max_prompt_length", minimum=1, integer=True)
@@ -303,6 +323,11 @@ class GNMConfig(TrainingArguments):
             )
         if self.max_steps == -1:
             require_number(self, "num_train_epochs", above=0)
+
+    @property
+    def chunked_schedule(self) -> bool:
+        """Whether the forget set is unlearned chunk by chunk (`forget_chunks` or `epochs_per_chunk` above 1)."""
+        return self.forget_chunks > 1 or self.epochs_per_chunk > 1
 
     @property
     def loss_weights(self) -> dict[str, float]:

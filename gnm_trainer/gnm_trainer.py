@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import losses
+from .data.chunked import ChunkedForgetSampler, schedule_blocks, scheduled_examples
 from .data.collator import GNMDataCollator, select_negatives, tokenize_examples, tokenize_negatives
 from .data.loading import load_unlearning_data
 from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions, split_per_group
@@ -161,6 +162,7 @@ class GNMTrainer(Trainer):
             retain_rows = load_unlearning_data(retain_dataset, "retain", tokenizer=processing_class)
         elif needs_retain:
             raise GNMInputError(f"retain_dataset: required by the term(s) {needs_retain}")
+        check_forget_chunks(args, len(forget_rows))
         self.negative_rows, negatives_by_id = self._load_negatives(negative_dataset, forget_rows, args)
         self.forget_rows, self.retain_rows = forget_rows, retain_rows
         if retain_rows is not None:
@@ -175,7 +177,7 @@ class GNMTrainer(Trainer):
         reference_copy = frozen_copy(model) if self.reference_mode == "copy" else None
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's initial weights are drawn here, before Trainer seeds anything
-            model = self._wrap_peft(model, peft_config, args, len(forget_rows))
+            model = self._wrap_peft(model, peft_config, args, len(forget_rows) * args.epochs_per_chunk)
         elif adapter_handed_in:
             model = train_adapter(model)
         if self.reference_mode == "reference_adapter":
@@ -234,7 +236,7 @@ class GNMTrainer(Trainer):
             model=model,
             args=args,
             data_collator=data_collator,
-            train_dataset=_as_dataset(forget_examples),
+            train_dataset=_as_dataset(self._schedule(forget_examples, args)),
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             callbacks=callbacks,
@@ -323,6 +325,24 @@ class GNMTrainer(Trainer):
             return get_peft_model(model, peft_config)
         except ValueError as error:  # PEFT's NoMatchingPeftModuleError and config checks: a wrong setting
             raise GNMInputError(f"peft_config: {error}") from error
+
+    def _schedule(self, forget_examples, args: GNMConfig):
+        """The train dataset's examples: the forget examples, or with `forget_chunks`/`epochs_per_chunk` every block
+        of the chunked schedule in order (`data/chunked.py`), whose sizes `_get_train_sampler` needs."""
+        self.schedule_block_sizes = None
+        if not args.chunked_schedule:
+            return forget_examples
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        blocks = schedule_blocks(len(forget_examples), args.forget_chunks, args.epochs_per_chunk, seed)
+        self.schedule_block_sizes = [len(block) for block in blocks]
+        return scheduled_examples(forget_examples, blocks)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The chunked schedule's sampler (`GNMConfig.forget_chunks`), else the Trainer's own."""
+        if self.schedule_block_sizes is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ChunkedForgetSampler(self.schedule_block_sizes, seed)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -604,6 +624,15 @@ def check_adalora_is_supported() -> None:
         raise GNMInputError(
             "peft_config: AdaLoRA is not supported under DeepSpeed ZeRO-3 (its orthogonality regulariser needs the "
             "whole adapter matrices); use ZeRO-2 or DDP, or LoRA under ZeRO-3"
+        )
+
+
+def check_forget_chunks(args: GNMConfig, num_forget_rows: int) -> None:
+    """Every chunk must hold at least one forget row."""
+    if args.forget_chunks > num_forget_rows:
+        raise GNMInputError(
+            f"forget_chunks: {args.forget_chunks} chunks but the forget set has {num_forget_rows} rows; expected at "
+            f"most {num_forget_rows}"
         )
 
 
