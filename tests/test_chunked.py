@@ -106,3 +106,16 @@ def test_chunk_settings_out_of_range_are_one_line_errors(tiny_model, tiny_tokeni
     with pytest.raises(GNMInputError) as error:
         chunked_trainer(tiny_model, tiny_tokenizer, tmp_path, **overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
+def test_the_chunked_and_simnpo_recipes_set_their_methods(model):
+    import os
+
+    from gnm_trainer.cli.unlearn import parse_arguments
+
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes", model, "semeval25")
+    _, chunked, _ = parse_arguments(["--config", os.path.join(root, "config_chunked_gd.yaml"), "--bf16", "false"])
+    assert chunked.chunked_schedule and chunked.loss_terms == ["ga", "gd"] and chunked.max_steps == -1
+    _, simnpo, _ = parse_arguments(["--config", os.path.join(root, "config_simnpo_gd.yaml"), "--bf16", "false"])
+    assert simnpo.loss_weights == {"simnpo": 1.0, "gd": 1.0} and not simnpo.chunked_schedule

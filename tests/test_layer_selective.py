@@ -73,3 +73,13 @@ def test_all_linear_cannot_be_combined_with_chosen_layers(tmp_path):
     script_args, _, model_args = parsed(tmp_path, "--lora_layers_to_transform", "0", modules=("all-linear",))
     with pytest.raises(GNMInputError, match="lora_layers_to_transform: PEFT cannot combine it with"):
         build_peft_config(script_args, model_args)
+
+
+@pytest.mark.parametrize("model, layers", [("olmo-7b", [0, 1, 2, 3, 4, 5]), ("olmo-1b", [0, 1, 2])])
+def test_the_layer_selective_recipes_adapt_the_first_layers_only(model, layers):
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes", model, "semeval25")
+    recipe = os.path.join(root, "config_layer_selective.yaml")
+    script_args, _, model_args = parse_arguments(["--config", recipe, "--bf16", "false"])
+    assert build_peft_config(script_args, model_args).layers_to_transform == layers
