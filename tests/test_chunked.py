@@ -119,3 +119,21 @@ def test_the_chunked_and_simnpo_recipes_set_their_methods(model):
     assert chunked.chunked_schedule and chunked.loss_terms == ["ga", "gd"] and chunked.max_steps == -1
     _, simnpo, _ = parse_arguments(["--config", os.path.join(root, "config_simnpo_gd.yaml"), "--bf16", "false"])
     assert simnpo.loss_weights == {"simnpo": 1.0, "gd": 1.0} and not simnpo.chunked_schedule
+
+
+def test_two_processes_share_out_the_schedule_as_accelerate_shards_the_default_sampler():
+    """What each of 2 processes iterates (accelerate's own sharding, in process): together, step by step, exactly the
+    single-process schedule, so every process follows the chunks in the same order."""
+    import torch
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    blocks = schedule_blocks(12, 3, 2, seed=4)
+    sampler = ChunkedForgetSampler([len(block) for block in blocks], seed=4)
+    per_process = []
+    for rank in range(2):
+        loader = DataLoader(list(range(len(sampler))), sampler=sampler, batch_size=2)
+        sharded = prepare_data_loader(loader, torch.device("cpu"), num_processes=2, process_index=rank, put_on_device=False)
+        per_process.append([batch.tolist() for batch in sharded])
+    steps = [first + second for first, second in zip(*per_process)]  # one global batch of 4 per step
+    assert len(steps) == 6 and sum(steps, []) == list(sampler)
