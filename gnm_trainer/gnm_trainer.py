@@ -62,6 +62,12 @@ def training_length(args: GNMConfig, num_examples: int) -> int:
     return math.ceil(args.num_train_epochs * steps_per_epoch)
 
 
+def data_order_seed(args: GNMConfig) -> int:
+    """The seed of the data's order and pairing (retain pairing, the chunked schedule): `data_seed`, else `seed`, as
+    the Trainer's own sampler does."""
+    return args.data_seed if args.data_seed is not None else args.seed
+
+
 # `auto` runs one forward pass unless padding every group to the common length adds more than this share of tokens.
 MAX_PADDING_OVERHEAD = 0.25
 
@@ -208,7 +214,7 @@ class GNMTrainer(Trainer):
                 use_retain=bool({"gd", "klr"}.intersection(args.loss_terms)),
                 use_random_match="rm" in args.loss_terms,
                 use_negatives="gnm" in args.loss_terms,
-                seed=args.data_seed if args.data_seed is not None else args.seed,
+                seed=data_order_seed(args),
             )
         if eval_dataset is not None:
             eval_rows = load_unlearning_data(eval_dataset, "forget", tokenizer=processing_class)
@@ -332,8 +338,7 @@ class GNMTrainer(Trainer):
         self.schedule_block_sizes = None
         if not args.chunked_schedule:
             return forget_examples
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        blocks = schedule_blocks(len(forget_examples), args.forget_chunks, args.epochs_per_chunk, seed)
+        blocks = schedule_blocks(len(forget_examples), args.forget_chunks, args.epochs_per_chunk, data_order_seed(args))
         self.schedule_block_sizes = [len(block) for block in blocks]
         return scheduled_examples(forget_examples, blocks)
 
@@ -341,8 +346,7 @@ class GNMTrainer(Trainer):
         """The chunked schedule's sampler (`GNMConfig.forget_chunks`), else the Trainer's own."""
         if self.schedule_block_sizes is None:
             return super()._get_train_sampler(train_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return ChunkedForgetSampler(self.schedule_block_sizes, seed)
+        return ChunkedForgetSampler(self.schedule_block_sizes, data_order_seed(self.args))
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
