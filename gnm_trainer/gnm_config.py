@@ -60,7 +60,7 @@ class GNMConfig(TrainingArguments):
         simnpo_beta (`float`, defaults to `4.5`), simnpo_delta (`float`, defaults to `0.0`):
             SimNPO's loss per forget sequence is −(2/β)·log σ(β·(NLL_mean − δ)). δ is the margin in nats on the mean
             NLL, open-unlearning's convention; the paper's γ is β·δ. The defaults are open-unlearning's SimNPO config
-            (β 4.5, δ 0); the paper tunes β per benchmark (e.g. 2.5 on TOFU) with γ 0 on most.
+            (β 4.5, δ 0); the paper tunes β and γ per benchmark.
         klf_cap (`float` or `None`, defaults to `5.0`):
             The `klf` term is −min(KL, cap) per sequence: the KL ascent stops pushing once a sequence is this far from
             the reference. `None` removes the cap (unbounded; not recommended).

@@ -69,6 +69,27 @@ def test_a_layer_the_model_does_not_have_is_one_line_naming_the_option_and_range
     assert "[3]" in message and "from 0 to 2" in message
 
 
+def test_gnm_unlearn_reports_a_missing_layer_on_one_line(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    import yaml
+    from conftest import write_workspace
+
+    from gnm_trainer.cli import main
+
+    write_workspace(tmp_path, tiny_model, tiny_tokenizer, fact_rows("forget", 0, 4), fact_rows("retain", 4, 8))
+    recipe = {
+        "model_name_or_path": str(tmp_path / "target"), "data_dir": str(tmp_path / "data"), "loss_terms": ["ga", "gd"],
+        "use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj"], "lora_layers_to_transform": [0, 9],
+        "max_steps": 1, "save_strategy": "no", "report_to": "none", "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()  # what saving the workspace printed
+    assert main(["unlearn", "--config", str(tmp_path / "recipe.yaml")]) == 2
+    error = capsys.readouterr().err
+    mentions = [line for line in error.splitlines() if "lora_layers_to_transform" in line]  # after loading's bars
+    assert len(mentions) == 1 and "[9]" in mentions[0] and "from 0 to 1" in mentions[0]
+    assert "Traceback" not in error
+
+
 def test_all_linear_cannot_be_combined_with_chosen_layers(tmp_path):
     script_args, _, model_args = parsed(tmp_path, "--lora_layers_to_transform", "0", modules=("all-linear",))
     with pytest.raises(GNMInputError, match="lora_layers_to_transform: PEFT cannot combine it with"):
