@@ -13,7 +13,7 @@ from .losses import LOSS_TERMS, TERMS_NEEDING_REFERENCE
 
 # The paper's reported recipe (authors' code): terms ga, klr, gnm; their other defaults for the remaining terms.
 PAPER_LOSS_TERMS = ["ga", "klr", "gnm"]
-DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0}
+DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0, "simnpo": 1.0}
 NEGATIVE_SCHEDULES = ("gradual", "random", "all")
 REFERENCE_MODES = ("auto", "adapter_disabled", "copy", "none")
 FORWARD_PASSES = ("auto", "one", "per_group")
@@ -50,12 +50,17 @@ class GNMConfig(TrainingArguments):
         loss_terms (`list[str]`, defaults to `["ga", "klr", "gnm"]`):
             Terms of the loss, among `ga` (gradient ascent on forget), `gd` (gradient descent on retain), `klr` (KL to
             the reference on retain), `klf` (capped KL ascent on forget), `rm` (random matching: forget prompts with
-            retain completions), `gnm` (gradual negative matching) and `npo` (negative preference optimisation).
-        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight (`float` or `None`):
-            Weight of each term. `None` takes the paper's value (ga 0.5, gd 5, klr 5, klf 1, rm 1, gnm 0.04, npo 1).
-            Setting a weight for a term that is not in `loss_terms` is an error.
+            retain completions), `gnm` (gradual negative matching), `npo` (negative preference optimisation) and `simnpo`
+            (SimNPO: NPO on the forget completion's mean NLL, without a reference model).
+        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight, simnpo_weight (`float` or `None`):
+            Weight of each term. `None` takes the paper's value (ga 0.5, gd 5, klr 5, klf 1, rm 1, gnm 0.04, npo 1;
+            simnpo 1). Setting a weight for a term that is not in `loss_terms` is an error.
         npo_beta (`float`, defaults to `0.1`):
             β of NPO.
+        simnpo_beta (`float`, defaults to `4.5`), simnpo_delta (`float`, defaults to `0.0`):
+            SimNPO's loss per forget sequence is −(2/β)·log σ(β·(NLL_mean − δ)). δ is the margin in nats on the mean
+            NLL, open-unlearning's convention; the paper's γ is β·δ. The defaults are open-unlearning's SimNPO config
+            (β 4.5, δ 0); the paper tunes β and γ per benchmark.
         klf_cap (`float` or `None`, defaults to `5.0`):
             The `klf` term is −min(KL, cap) per sequence: the KL ascent stops pushing once a sequence is this far from
             the reference. `None` removes the cap (unbounded; not recommended).
@@ -102,6 +107,13 @@ class GNMConfig(TrainingArguments):
             than the few filler tokens they save (docs/performance.md, "Packed rows").
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
+        forget_chunks (`int`, defaults to `1`), epochs_per_chunk (`int`, defaults to `1`):
+            Chunked sequential unlearning (AILS-NTUA, arXiv 2503.02443): the forget set is split (seeded) into
+            `forget_chunks` disjoint chunks, unlearned one after another, each for `epochs_per_chunk` passes with its
+            rows shuffled at every pass; each forget row is paired with one retain row, and the retain rows keep
+            cycling through the retain set from pass to pass and chunk to chunk. One Trainer epoch is the whole
+            schedule (`forget rows × epochs_per_chunk` examples); `num_train_epochs` or `max_steps` repeat it. 1 and 1:
+            the Trainer's own sampling.
 
     Parameters that guard the run:
 
@@ -138,7 +150,12 @@ class GNMConfig(TrainingArguments):
     rm_weight: float | None = field(default=None, metadata={"help": "Weight of `rm`; None: the paper's 1."})
     gnm_weight: float | None = field(default=None, metadata={"help": "Weight of `gnm`; None: the paper's 0.04."})
     npo_weight: float | None = field(default=None, metadata={"help": "Weight of `npo`; None: the paper's 1."})
+    simnpo_weight: float | None = field(default=None, metadata={"help": "Weight of `simnpo`; None: 1."})
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
+    simnpo_beta: float = field(default=4.5, metadata={"help": "β of SimNPO (open-unlearning's 4.5)."})
+    simnpo_delta: float = field(
+        default=0.0, metadata={"help": "SimNPO's margin δ in nats on the mean forget NLL (the paper's γ = β·δ)."}
+    )
     klf_cap: float | None = field(
         default=5.0, metadata={"help": "Cap of the forget KL per sequence (nats); None for no cap."}
     )
@@ -179,6 +196,11 @@ class GNMConfig(TrainingArguments):
         default=None, metadata={"help": "Most tokens in one packed row (at least the longest sequence); None: 512, measured."}
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used for tokenisation."})
+    forget_chunks: int = field(
+        default=1,
+        metadata={"help": "Split the forget set into this many disjoint chunks, unlearned one after another; 1: off."},
+    )
+    epochs_per_chunk: int = field(default=1, metadata={"help": "Passes over each forget chunk before the next one."})
     # ---- guard ----
     collapse_guard: bool = field(
         default=True, metadata={"help": "Stop (and roll back) when the retain NLL explodes or a loss is not finite."}
@@ -263,6 +285,11 @@ class GNMConfig(TrainingArguments):
             raise GNMInputError(
                 f"text_template: {self.text_template!r} must contain '{{prompt}}' followed by '{{completion}}'"
             )
+        if self.chunked_schedule and self.train_sampling_strategy != "random":
+            raise GNMInputError(
+                f"train_sampling_strategy: {self.train_sampling_strategy!r} cannot order a chunked schedule "
+                "(forget_chunks/epochs_per_chunk above 1); leave it 'random'"
+            )
         if self.remove_unused_columns:
             raise GNMInputError("remove_unused_columns: must be False for GNMTrainer (the collator needs its columns)")
         from .distributed import apply_cpu_launch_defaults
@@ -274,12 +301,16 @@ class GNMConfig(TrainingArguments):
         """Every number in range and finite (a NaN passes `x <= 0` checks and trains garbage)."""
         for name in [f"{term}_weight" for term in self.loss_terms] + ["weight_decay", "max_grad_norm", "warmup_ratio"]:
             require_number(self, name, minimum=0)
-        for name in ("learning_rate", "npo_beta", "collapse_retain_nll_ratio"):
+        for name in ("learning_rate", "npo_beta", "simnpo_beta", "collapse_retain_nll_ratio"):
             require_number(self, name, above=0)
+        require_number(self, "simnpo_delta", minimum=0)
         require_number(self, "collapse_min_retain_nll_increase", minimum=0)
         if self.klf_cap is not None:
             require_number(self, "klf_cap", above=0)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window"):
+        for name in (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "collapse_warmup", "collapse_window",
+            "forget_chunks", "epochs_per_chunk",
+        ):  # fmt: skip
             require_number(self, name, minimum=1, integer=True)
         require_number(self, "max_length", minimum=2, integer=True)
         require_number(self, "max_prompt_length", minimum=1, integer=True)
@@ -292,6 +323,11 @@ class GNMConfig(TrainingArguments):
             )
         if self.max_steps == -1:
             require_number(self, "num_train_epochs", above=0)
+
+    @property
+    def chunked_schedule(self) -> bool:
+        """Whether the forget set is unlearned chunk by chunk (`forget_chunks` or `epochs_per_chunk` above 1)."""
+        return self.forget_chunks > 1 or self.epochs_per_chunk > 1
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import losses
+from .data.chunked import ChunkedForgetSampler, schedule_blocks, scheduled_examples
 from .data.collator import GNMDataCollator, select_negatives, tokenize_examples, tokenize_negatives
 from .data.loading import load_unlearning_data
 from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions, split_per_group
@@ -59,6 +60,12 @@ def training_length(args: GNMConfig, num_examples: int) -> int:
     batches_per_process = round_batches(batches / max(1, args.world_size))  # accelerate's even batches
     steps_per_epoch = max(1, math.ceil(batches_per_process / args.gradient_accumulation_steps))
     return math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def data_order_seed(args: GNMConfig) -> int:
+    """The seed of the data's order and pairing (retain pairing, the chunked schedule): `data_seed`, else `seed`, as
+    the Trainer's own sampler does."""
+    return args.data_seed if args.data_seed is not None else args.seed
 
 
 # `auto` runs one forward pass unless padding every group to the common length adds more than this share of tokens.
@@ -106,7 +113,7 @@ class AdaLoraAllocationCallback(TrainerCallback):
 
 
 class GNMTrainer(Trainer):
-    """Unlearn a causal LM with any mix of the GNM loss terms (`ga`, `gd`, `klr`, `klf`, `rm`, `gnm`, `npo`).
+    """Unlearn a causal LM with any mix of the loss terms (`ga`, `gd`, `klr`, `klf`, `rm`, `gnm`, `npo`, `simnpo`).
 
     Args:
         model: a `PreTrainedModel` or a Hub id / local path (loaded with `args.model_init_kwargs`).
@@ -161,6 +168,7 @@ class GNMTrainer(Trainer):
             retain_rows = load_unlearning_data(retain_dataset, "retain", tokenizer=processing_class)
         elif needs_retain:
             raise GNMInputError(f"retain_dataset: required by the term(s) {needs_retain}")
+        check_forget_chunks(args, len(forget_rows))
         self.negative_rows, negatives_by_id = self._load_negatives(negative_dataset, forget_rows, args)
         self.forget_rows, self.retain_rows = forget_rows, retain_rows
         if retain_rows is not None:
@@ -175,7 +183,7 @@ class GNMTrainer(Trainer):
         reference_copy = frozen_copy(model) if self.reference_mode == "copy" else None
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's initial weights are drawn here, before Trainer seeds anything
-            model = self._wrap_peft(model, peft_config, args, len(forget_rows))
+            model = self._wrap_peft(model, peft_config, args, len(forget_rows) * args.epochs_per_chunk)
         elif adapter_handed_in:
             model = train_adapter(model)
         if self.reference_mode == "reference_adapter":
@@ -206,7 +214,7 @@ class GNMTrainer(Trainer):
                 use_retain=bool({"gd", "klr"}.intersection(args.loss_terms)),
                 use_random_match="rm" in args.loss_terms,
                 use_negatives="gnm" in args.loss_terms,
-                seed=args.data_seed if args.data_seed is not None else args.seed,
+                seed=data_order_seed(args),
             )
         if eval_dataset is not None:
             eval_rows = load_unlearning_data(eval_dataset, "forget", tokenizer=processing_class)
@@ -234,7 +242,7 @@ class GNMTrainer(Trainer):
             model=model,
             args=args,
             data_collator=data_collator,
-            train_dataset=_as_dataset(forget_examples),
+            train_dataset=_as_dataset(self._schedule(forget_examples, args)),
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             callbacks=callbacks,
@@ -316,12 +324,29 @@ class GNMTrainer(Trainer):
             if peft_config.total_step not in (None, total_step):
                 logger.warning("AdaLoRA total_step %s replaced by the training length %s.", peft_config.total_step, total_step)
             peft_config = dataclasses.replace(peft_config, total_step=total_step)
+        check_layers_to_transform(peft_config, model)
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         try:
             return get_peft_model(model, peft_config)
         except ValueError as error:  # PEFT's NoMatchingPeftModuleError and config checks: a wrong setting
             raise GNMInputError(f"peft_config: {error}") from error
+
+    def _schedule(self, forget_examples, args: GNMConfig):
+        """The train dataset's examples: the forget examples, or with `forget_chunks`/`epochs_per_chunk` every block
+        of the chunked schedule in order (`data/chunked.py`), whose sizes `_get_train_sampler` needs."""
+        self.schedule_block_sizes = None
+        if not args.chunked_schedule:
+            return forget_examples
+        blocks = schedule_blocks(len(forget_examples), args.forget_chunks, args.epochs_per_chunk, data_order_seed(args))
+        self.schedule_block_sizes = [len(block) for block in blocks]
+        return scheduled_examples(forget_examples, blocks)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The chunked schedule's sampler (`GNMConfig.forget_chunks`), else the Trainer's own."""
+        if self.schedule_block_sizes is None:
+            return super()._get_train_sampler(train_dataset)
+        return ChunkedForgetSampler(self.schedule_block_sizes, data_order_seed(self.args))
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -459,6 +484,8 @@ class GNMTrainer(Trainer):
             policy_logprob = losses.sequence_logprob_sum(logits["forget"], *targets["forget"])
             reference_logprob = losses.sequence_logprob_sum(reference_logits["forget"], *targets["forget"])
             per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
+        if "simnpo" in terms_enabled:
+            per_example["simnpo"] = losses.simnpo_loss(nll["forget"], self.args.simnpo_beta, self.args.simnpo_delta)
         # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
         examples = self._examples_per_step(batch_size, num_items_in_batch)
         step_shares = {name: values.sum() / examples for name, values in per_example.items()}
@@ -601,6 +628,31 @@ def check_adalora_is_supported() -> None:
         raise GNMInputError(
             "peft_config: AdaLoRA is not supported under DeepSpeed ZeRO-3 (its orthogonality regulariser needs the "
             "whole adapter matrices); use ZeRO-2 or DDP, or LoRA under ZeRO-3"
+        )
+
+
+def check_forget_chunks(args: GNMConfig, num_forget_rows: int) -> None:
+    """Every chunk must hold at least one forget row."""
+    if args.forget_chunks > num_forget_rows:
+        raise GNMInputError(
+            f"forget_chunks: {args.forget_chunks} chunks but the forget set has {num_forget_rows} rows; expected at "
+            f"most {num_forget_rows}"
+        )
+
+
+def check_layers_to_transform(peft_config, model) -> None:
+    """A one-line error naming the option when PEFT's `layers_to_transform` picks a layer the model does not have
+    (PEFT itself skips such an index silently, or fails only when no layer at all matches)."""
+    layers = getattr(peft_config, "layers_to_transform", None)
+    if layers is None:
+        return
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    outside = [index for index in layers if num_layers is not None and not 0 <= index < num_layers]
+    if outside:
+        raise GNMInputError(
+            f"lora_layers_to_transform (peft_config.layers_to_transform): layer(s) {outside} outside the model's "
+            f"{num_layers} layers; expected indices from 0 to {num_layers - 1}"
         )
 
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 # Terms and what each needs: which sequences go through the model with gradients, and whether a reference is needed.
-LOSS_TERMS = ("ga", "gd", "klr", "klf", "rm", "gnm", "npo")
+LOSS_TERMS = ("ga", "gd", "klr", "klf", "rm", "gnm", "npo", "simnpo")
 TERMS_NEEDING_REFERENCE = frozenset({"klr", "klf", "npo"})
 TERMS_NEEDING_RETAIN = frozenset({"gd", "klr", "rm"})
-TERMS_ON_FORGET = frozenset({"ga", "klf", "npo"})
+TERMS_ON_FORGET = frozenset({"ga", "klf", "npo", "simnpo"})
 TERMS_ON_RETAIN = frozenset({"gd", "klr"})
 
 
@@ -119,6 +119,17 @@ def completion_kl(
 def npo_loss(policy_logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float) -> torch.Tensor:
     """NPO per sequence: (2/β)·log(1 + (π_θ(y|x) / π_ref(y|x))^β), written as (2/β)·softplus(β·log-ratio)."""
     return (2.0 / beta) * F.softplus(beta * (policy_logprob - reference_logprob))
+
+
+def simnpo_loss(forget_nll: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO per sequence (Fan et al. 2024, arXiv 2410.07163), NPO without a reference model:
+    −(2/β)·log σ(β·(NLL_mean − δ)), written as (2/β)·softplus(−β·(NLL_mean − δ)).
+
+    `forget_nll` is the completion's mean token NLL (`sequence_nll`). The paper writes the margin as
+    −(2/β)·log σ(β·NLL_mean − γ); `delta` is open-unlearning's δ = γ/β, a margin in nats on the mean NLL. Minimising
+    it raises the forget NLL, with a gradient that fades once β·(NLL_mean − δ) is large.
+    """
+    return (2.0 / beta) * F.softplus(-beta * (forget_nll - delta))
 
 
 def capped_forget_kl(kl: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -44,6 +44,14 @@ class UnlearnScriptArguments:
         default="lora",
         metadata={"help": "PEFT method used with --use_peft.", "choices": ["lora", "adalora"]},
     )
+    lora_layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Adapt only these decoder layers (indices from 0; one index or a list), PEFT's "
+            "`layers_to_transform`, for LoRA and AdaLoRA; e.g. SHA256's layers 0-5 on OLMo-7B. Needs "
+            "lora_target_modules as module names (PEFT cannot combine it with 'all-linear'). None: every layer."
+        },
+    )
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA's target average rank (init rank: lora_r)."})
     adalora_tinit: int = field(default=0, metadata={"help": "AdaLoRA's initial fine-tuning steps without pruning."})
     adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA's final fine-tuning steps without pruning."})
@@ -112,8 +120,11 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
     if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
         # TRL turns one `--lora_target_modules q_proj` into a string, which PEFT reads as a regex of the full name
         model_args.lora_target_modules = [target]
+    layers = chosen_layers(script_args.lora_layers_to_transform, model_args.lora_target_modules)
     if script_args.peft_method == "lora":
-        return get_peft_config(model_args)
+        import dataclasses
+
+        return dataclasses.replace(get_peft_config(model_args), layers_to_transform=layers)
     from peft import AdaLoraConfig
 
     if script_args.adalora_target_r > model_args.lora_r:
@@ -128,12 +139,29 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
+        layers_to_transform=layers,
         tinit=script_args.adalora_tinit,
         tfinal=script_args.adalora_tfinal,
         deltaT=script_args.adalora_delta_t,
         # A placeholder that passes PEFT's own check; GNMTrainer sets the real training length.
         total_step=script_args.adalora_tinit + script_args.adalora_tfinal + 1,
     )
+
+
+def chosen_layers(layers, target_modules) -> list[int] | None:
+    """`--lora_layers_to_transform` as PEFT's `layers_to_transform`: a list of layer indices (one index from a recipe
+    becomes a list), None when unset. Whether the indices exist is checked against the model by GNMTrainer."""
+    if layers is None:
+        return None
+    layers = [layers] if isinstance(layers, int) else layers
+    if not layers or not all(isinstance(index, int) and not isinstance(index, bool) for index in layers):
+        raise GNMInputError(f"lora_layers_to_transform: expected layer indices (integers), got {layers!r}")
+    if isinstance(target_modules, str):
+        raise GNMInputError(
+            f"lora_layers_to_transform: PEFT cannot combine it with lora_target_modules {target_modules!r}; list the "
+            "module names instead (e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
+        )
+    return sorted(set(layers))
 
 
 # Files that a finished run leaves directly in output_dir (checkpoints live in checkpoint-* sub-folders).
