@@ -10,6 +10,8 @@ from conftest import FACTS, write_jsonl
 from safetensors.torch import load_file
 
 from gnm_trainer.cli import main
+from gnm_trainer.cli.best_on_validation import result_keys
+from gnm_trainer.data.loading import load_unlearning_data
 from gnm_trainer.manifest import MANIFEST_FILE
 
 VALIDATION_LOGGER = "gnm_trainer.cli.best_on_validation"
@@ -101,7 +103,11 @@ def test_the_saved_adapter_is_the_best_evaluation_and_the_manifest_names_its_ste
     scores = evaluations(run, "aggregate-score")
     assert sorted(scores) == [2, 4, 6]
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    assert all("semeval/mia_final_score" in entry for entry in history if "semeval/aggregate-score" in entry)
+    data = workspace / "data"
+    forget, retain = (load_unlearning_data(data, split, "validation") for split in ("forget", "retain"))
+    for entry in (entry for entry in history if "semeval/aggregate-score" in entry):  # the keys checked up front
+        logged = [key.removeprefix("semeval/") for key in entry if key.startswith("semeval/")]
+        assert sorted(key for key in logged if not key.startswith("settings/")) == result_keys(forget, retain, True)
     best = json.loads((run / "best" / "best.json").read_text())
     assert best["step"] == max(scores, key=lambda step: (scores[step], -step))  # the first of equal highest scores
     assert best["step"] < 6  # so that the final adapter equals best/'s only because best/ was loaded back
@@ -174,3 +180,12 @@ def test_resuming_keeps_the_best_evaluation_of_the_run_so_far(tmp_path):
     other = SemEvalCallback(*rows, objective="mia_final_score")
     resume_best(other, str(tmp_path))
     assert other.best_step is None  # best/ was chosen on another objective: the resumed run starts its own
+
+
+def test_an_objective_no_evaluation_reports_is_an_error_before_training(workspace, capsys):
+    line = error_line(capsys, workspace, "--validation_objective", "aggregate-scor")
+    assert "validation_objective 'aggregate-scor': not among the validation results' keys" in line
+    assert "'aggregate-score'" in line and "'retain-set/overall-regurgitation-score'" in line
+    line = error_line(capsys, workspace, "--validation_objective", "mia_final_score")  # no non-members: no MIA score
+    assert "validation_objective 'mia_final_score'" in line
+    assert not (workspace / "run" / "trainer_state.json").exists()

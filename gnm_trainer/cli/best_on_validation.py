@@ -80,6 +80,24 @@ def load_validation_rows(source, partition: str, training_forget):
     return forget, retain
 
 
+def result_keys(forget, retain, with_mia: bool) -> list[str]:
+    """The score keys an evaluation of these rows reports (which exist depends on the rows' splits, tasks and kinds
+    and on MIA, not on the scores): what `validation_objective` may name (`settings/*` are not scores)."""
+    from ..data.loading import classify_kind
+    from ..evaluation.semeval import flatten_results, semeval_results
+
+    rows = [{"split": split, "task": row["task"], "kind": classify_kind(row["id"]), "score": 0.5}
+            for split, split_rows in (("forget", forget), ("retain", retain)) for row in split_rows]
+    nll = [1.0] if with_mia else None
+    return sorted(flatten_results(semeval_results(rows, nll, nll)))
+
+
+def check_objective(objective: str, keys: list[str]) -> None:
+    """A one-line error, before training, for an objective that no evaluation would report."""
+    if objective not in keys:
+        raise GNMInputError(f"validation_objective {objective!r}: not among the validation results' keys {keys}")
+
+
 def validation_callback(script_args, source, training_forget):
     """A `SemEvalCallback` on the validation partition, or None when `eval_on_validation_steps` is unset."""
     from ..evaluation.callback import SemEvalCallback
@@ -88,6 +106,7 @@ def validation_callback(script_args, source, training_forget):
         return None
     forget, retain = load_validation_rows(source, script_args.validation_partition, training_forget)
     members, nonmembers = mia_documents(forget, script_args.validation_mia_nonmembers)
+    check_objective(script_args.validation_objective, result_keys(forget, retain, members is not None))
     return SemEvalCallback(
         forget, retain, mia_members=members, mia_nonmembers=nonmembers,
         eval_steps=script_args.eval_on_validation_steps, objective=script_args.validation_objective,
