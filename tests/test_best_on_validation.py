@@ -1,7 +1,11 @@
 """`gnm unlearn --eval_on_validation_steps N`: the step that scores best on validation rows is the model saved."""
 
+import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from gnm_trainer.data.loading import load_unlearning_data
 from gnm_trainer.manifest import MANIFEST_FILE
 
 VALIDATION_LOGGER = "gnm_trainer.cli.best_on_validation"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lume_rows(split: str, kind: str, start: int, stop: int):
@@ -189,3 +194,50 @@ def test_an_objective_no_evaluation_reports_is_an_error_before_training(workspac
     line = error_line(capsys, workspace, "--validation_objective", "mia_final_score")  # no non-members: no MIA score
     assert "validation_objective 'mia_final_score'" in line
     assert not (workspace / "run" / "trainer_state.json").exists()
+
+
+RANK_SCRIPT = '''
+import hashlib, json, os, sys
+import torch
+from peft import get_peft_model_state_dict
+from gnm_trainer.cli.unlearn import parse_arguments, run_unlearning
+
+trainer = run_unlearning(*parse_arguments(sys.argv[2:]))
+weights = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model))
+report = {"digest": hashlib.sha256(b"".join(weights[k].cpu().numpy().tobytes() for k in sorted(weights))).hexdigest(),
+          "kept": trainer.best_on_validation}
+with open(os.path.join(sys.argv[1], f"rank{trainer.accelerator.process_index}.json"), "w") as handle:
+    json.dump(report, handle)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+def digest(weights: dict) -> str:
+    return hashlib.sha256(b"".join(weights[name].numpy().tobytes() for name in sorted(weights))).hexdigest()
+
+
+def test_two_processes_evaluate_together_and_each_loads_the_best_step(workspace):
+    """Every process runs the callback (its evaluation is sharded) and loads best/ into its own model."""
+    script, reports = workspace / "rank_script.py", workspace / "reports"
+    script.write_text(RANK_SCRIPT)
+    reports.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    for name in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    # batch 1 per process: the single-process run's batch of 2
+    flags = ["--config", str(workspace / "recipe.yaml"), "--learning_rate", "1e-1", "--per_device_train_batch_size",
+             "1", "--validation_mia_nonmembers", str(workspace)]
+    result = subprocess.run(
+        [*launch, str(script), str(reports), *flags],
+        env=env, cwd=workspace, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((reports / f"rank{index}.json").read_text()) for index in (0, 1)]
+    best = json.loads((workspace / "run" / "best" / "best.json").read_text())
+    assert best["step"] < 6 and [rank["kept"]["step"] for rank in ranks] == [best["step"], best["step"]]
+    best_digest = digest(load_file(workspace / "run" / "best" / "adapter_model.safetensors"))
+    assert [rank["digest"] for rank in ranks] == [best_digest, best_digest]
