@@ -2,9 +2,10 @@
 
 It records the software (library versions, Python, platform), the launch (world size, effective batch size,
 distributed type, DeepSpeed ZeRO stage), the seed, a SHA-256 of the resolved configuration, fingerprints of the forget
-and retain rows, where the gradual negatives came from, the reference mode, the PEFT type and the collapse guard's
-summary. Secrets never enter it: configuration fields whose name contains "token" are dropped unless their value is
-a plain number or boolean (`add_eos_token` stays, `hub_token` goes), at any depth.
+and retain rows, where the gradual negatives came from, the reference mode, the PEFT type, the collapse guard's
+summary and the step kept as best on validation. Secrets never enter it: configuration fields whose name contains
+"token" are dropped unless their value is a plain number or boolean (`add_eos_token` stays, `hub_token` goes), at any
+depth.
 """
 
 import hashlib
@@ -179,6 +180,8 @@ def build_manifest(trainer, guard=None, negative_rows=None) -> dict[str, Any]:
         "reference_mode": trainer.reference_mode,
         "peft": peft_summary(model),
         "collapse_guard": guard.summary() if guard is not None else None,
+        # Set by `gnm unlearn --eval_on_validation_steps`: the step kept as the final model and its objective.
+        "best_on_validation": getattr(trainer, "best_on_validation", None),
     }
 
 

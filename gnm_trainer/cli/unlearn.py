@@ -56,6 +56,31 @@ class UnlearnScriptArguments:
     adalora_tinit: int = field(default=0, metadata={"help": "AdaLoRA's initial fine-tuning steps without pruning."})
     adalora_tfinal: int = field(default=0, metadata={"help": "AdaLoRA's final fine-tuning steps without pruning."})
     adalora_delta_t: int = field(default=1, metadata={"help": "AdaLoRA's steps between two rank allocations."})
+    eval_on_validation_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score the model on the validation partition (SemEvalCallback) every this many optimizer steps "
+            "and at the end, and save the best-scoring step as the final model (like load_best_model_at_end); "
+            "<output_dir>/best/ holds it and the manifest names its step. None: off."
+        },
+    )
+    validation_partition: str = field(
+        default="validation", metadata={"help": "The partition of the training data source scored on validation."}
+    )
+    validation_mia_nonmembers: str | None = field(
+        default=None,
+        metadata={
+            "help": "MIA non-member documents for the validation objective: a file or a folder holding "
+            "nonmember.jsonl (e.g. LUME's mia/nonmember.jsonl); members are the validation forget set's sentence-"
+            "completion rows. None: the objective has no MIA part."
+        },
+    )
+    validation_objective: str = field(
+        default="aggregate-score",
+        metadata={"help": "The validation result to maximise (a key of `gnm evaluate`'s results, nested with '/')."},
+    )
+    validation_max_new_tokens: int = field(default=256, metadata={"help": "Generation length on validation."})
+    validation_batch_size: int = field(default=16, metadata={"help": "Batch size of the validation evaluation."})
     overwrite_output: bool = field(
         default=False,
         metadata={
@@ -299,6 +324,7 @@ def checkpoint_to_resume(training_args) -> str | None:
 def check_run(script_args, training_args, model_args) -> str:
     """Every check that needs no model or data, before any work starts; returns the data source."""
     from ..data.loading import refuse_single_file
+    from .best_on_validation import check_validation_options
 
     if model_args.model_name_or_path is None:
         raise GNMInputError("model_name_or_path: required (a local model folder or a Hub id)")
@@ -308,6 +334,7 @@ def check_run(script_args, training_args, model_args) -> str:
     if script_args.data_dir and script_args.dataset_name:
         raise GNMInputError("data_dir and dataset_name: give only one")
     refuse_single_file(script_args.data_dir, "data_dir")  # it would be both the forget and the retain set
+    check_validation_options(script_args)
     check_output_folder(training_args.output_dir, "output_dir")
     refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
     check_hub_access(training_args)
@@ -358,15 +385,17 @@ def save_run(trainer, result) -> None:
 
 def run_unlearning(script_args, training_args, model_args):
     """Check, load, train (from `resume_from_checkpoint`, else from the last complete checkpoint in output_dir when
-    there is one), save; returns the trainer."""
+    there is one), keep the step best on validation when asked, save; returns the trainer."""
     from ..data.loading import load_unlearning_data
     from ..gnm_trainer import GNMTrainer
+    from .best_on_validation import keep_best_step, resume_best, validation_callback
 
     source = check_run(script_args, training_args, model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args)
     forget = load_unlearning_data(source, "forget", script_args.data_partition)
     needs_retain = {"gd", "klr", "rm"}.intersection(training_args.loss_terms)
     retain = load_unlearning_data(source, "retain", script_args.data_partition) if needs_retain else None
+    validation = validation_callback(script_args, source, forget)
     trainer = GNMTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -374,8 +403,13 @@ def run_unlearning(script_args, training_args, model_args):
         retain_dataset=retain,
         negative_dataset=script_args.negatives_path,
         peft_config=build_peft_config(script_args, model_args),
+        callbacks=[validation] if validation is not None else None,
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    resume_from = checkpoint_to_resume(training_args)
+    if resume_from is not None:
+        resume_best(validation, training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    keep_best_step(trainer, validation)
     save_run(trainer, result)
     return trainer
 

@@ -27,14 +27,14 @@ class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argp
 
 
 def short_help_groups(script_type, config_type) -> dict[str, tuple[str, ...]]:
-    """Title -> option names of the short help: the script's, GNMConfig's own, the model and PEFT ones, then the
-    most used training ones."""
+    """Title -> option names of the short help: the script's (data, PEFT method, validation), GNMConfig's own, the
+    model and PEFT ones, then the most used training ones."""
     from transformers import TrainingArguments
 
     inherited = {field.name for field in dataclasses.fields(TrainingArguments)}
     own = tuple(field.name for field in dataclasses.fields(config_type) if field.name not in inherited)
     return {
-        "data and PEFT method": tuple(field.name for field in dataclasses.fields(script_type)),
+        "data, PEFT method and validation": tuple(field.name for field in dataclasses.fields(script_type)),
         "unlearning (GNMConfig)": own,
         "model (TRL ModelConfig)": MODEL_FIELDS,
         "PEFT (TRL ModelConfig; with --use_peft)": PEFT_FIELDS,
