@@ -241,3 +241,12 @@ def test_two_processes_evaluate_together_and_each_loads_the_best_step(workspace)
     assert best["step"] < 6 and [rank["kept"]["step"] for rank in ranks] == [best["step"], best["step"]]
     best_digest = digest(load_file(workspace / "run" / "best" / "adapter_model.safetensors"))
     assert [rank["digest"] for rank in ranks] == [best_digest, best_digest]
+
+
+def test_validation_options_without_validation_steps_are_an_error(workspace, capsys):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    del recipe["eval_on_validation_steps"]  # validation_max_new_tokens and validation_batch_size stay set
+    (workspace / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    line = error_line(capsys, workspace)
+    assert "validation_max_new_tokens, validation_batch_size: set, but nothing is evaluated" in line
+    assert not (workspace / "run").exists()

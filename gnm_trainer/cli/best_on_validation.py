@@ -16,6 +16,8 @@ from ..errors import GNMInputError
 logger = logging.getLogger(__name__)
 
 NONMEMBER_FILE = "nonmember.jsonl"
+VALIDATION_OPTIONS = ("validation_partition", "validation_mia_nonmembers", "validation_objective",
+                      "validation_max_new_tokens", "validation_batch_size")
 
 
 def check_validation_options(script_args) -> None:
@@ -25,6 +27,12 @@ def check_validation_options(script_args) -> None:
         raise GNMInputError(
             f"eval_on_validation_steps: expected a number of optimizer steps of at least 1, got {steps}"
         )
+    if steps is None:
+        defaults = type(script_args).__dataclass_fields__
+        unused = [name for name in VALIDATION_OPTIONS if getattr(script_args, name) != defaults[name].default]
+        if unused:
+            raise GNMInputError(f"{', '.join(unused)}: set, but nothing is evaluated on validation without "
+                                "eval_on_validation_steps; add it or remove them")
 
 
 def member_documents(forget_rows) -> list[str]:
