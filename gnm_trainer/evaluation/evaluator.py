@@ -162,10 +162,11 @@ def answer_of(generation: str, closing: str) -> str:
 
 
 def _examples(forget, retain, text_template: str | None = None) -> list[dict[str, Any]]:
-    """One example per forget and retain row; `prompt` is the text generation is prompted with."""
+    """One example per forget and retain row (a split given as None has none); `prompt` is the text generation is
+    prompted with."""
     examples = []
     for split, source in (("forget", forget), ("retain", retain)):
-        for row in load_unlearning_data(source, split=split):
+        for row in [] if source is None else load_unlearning_data(source, split=split):
             prompt = row["prompt"]
             if text_template is not None:
                 prompt = render_prompt(prompt, text_template, row["chat"])
@@ -212,7 +213,8 @@ def evaluate_model(
     """Score `model` with the SemEval-2025 Task 4 metric; returns `(results, per_example_rows)`.
 
     Args:
-        forget, retain: normalised datasets (`load_unlearning_data`) or lists of rows in any accepted format.
+        forget, retain: normalised datasets (`load_unlearning_data`) or lists of rows in any accepted format; None
+            for a split leaves it out (the attacks score part of the forget set alone).
         mia_members, mia_nonmembers: documents for the loss-based membership attack (both or neither).
         mmlu_score: an MMLU average computed elsewhere (enters the final score when given).
         dtype: "auto" evaluates the model as it is; "float32", "bfloat16" or "float16" evaluate a copy cast to that
