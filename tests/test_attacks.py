@@ -235,3 +235,33 @@ def test_bad_attack_inputs_are_one_line_each(workspace, tmp_path, tiny_tokenizer
     line = one_line_error(capsys, ["evaluate", "--model", model, "--data", str(data), "--max_new_tokens", "2",
                                          "--output_dir", str(tmp_path / "eval"), *flags], 2)
     assert expected in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The in-training callback and the demo
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_callback_attacks_the_final_model_only_when_asked(workspace, tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+    from gnm_trainer.evaluation import SemEvalCallback
+
+    model = AutoModelForCausalLM.from_pretrained(workspace / "target")
+    forget, retain = lume_rows("forget", 0, 4), lume_rows("retain", 4, 5)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    for attacks in (None, "relearn"):
+        state = TrainerState()
+        callback = SemEvalCallback(forget, retain, max_new_tokens=2, batch_size=8, save_best=False, attacks=attacks,
+                                   attack_options={"relearn_steps": 2, "seed": 1})
+        callback.on_train_end(args, state, TrainerControl(), model=model, processing_class=tiny_tokenizer)
+        logged = [key for entry in state.log_history for key in entry if key.startswith("semeval/attacks/")]
+        if attacks is None:
+            assert callback.attack_results is None and not logged
+            assert not os.path.exists(tmp_path / "run" / "attacks.json")  # off by default
+        else:
+            assert callback.attack_results["settings"]["seed"] == 1
+            assert "semeval/attacks/relearn/forget-set/overall/regurgitation-score" in logged
+            assert json.loads((tmp_path / "run" / "attacks.json").read_text()) == callback.attack_results
+    with pytest.raises(GNMInputError, match="unknown attack 'quant2'"):
+        SemEvalCallback(forget, retain, attacks="quant2")
