@@ -215,6 +215,20 @@ def load_quantised(folder: str, bits: int, name: str = "model"):
     return model
 
 
+@contextlib.contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    """Silence bitsandbytes' warning that 8-bit matmuls cast float32 inputs to float16, logged once per matmul."""
+    import logging
+
+    bitsandbytes_logger = logging.getLogger("bitsandbytes")
+    level = bitsandbytes_logger.level
+    bitsandbytes_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        bitsandbytes_logger.setLevel(level)
+
+
 def relearned_model(folder: str, tokenizer, rows: Sequence[Mapping[str, Any]], steps: int, learning_rate: float,
                     lora_r: int, seed: int, text_template: str | None = None):
     """A fresh copy of the model saved in `folder`, fine-tuned for `steps` AdamW steps on `rows` (causal-LM loss on
@@ -312,7 +326,8 @@ def run_attacks(
     Args:
         model: the unlearned model: a folder (full model or PEFT adapter), or a model in memory (left unchanged).
         tokenizer: its tokenizer, or a tokenizer folder; None loads the one saved with `model` (a folder).
-        forget, retain: the rows scored (normalised datasets or lists of rows in any accepted format).
+        forget, retain: the rows scored (normalised datasets or lists of rows in any accepted format); `retain`
+            None scores the forget set alone (faster; the quantisation attacks then report no retain scores).
         attacks: names from `ATTACKS` (a list or a comma-separated string).
         target: the model before unlearning, for the recovery: a model folder (evaluated here), the path of its
             `evaluation_results.json` on the same data (with `per_example.jsonl` beside it), or its per-example
@@ -330,7 +345,7 @@ def run_attacks(
     from .evaluator import evaluate_model, load_model_and_tokenizer
 
     forget = load_unlearning_data(forget, split="forget")
-    retain = load_unlearning_data(retain, split="retain")
+    retain = None if retain is None else load_unlearning_data(retain, split="retain")
     attacks = check_attack_inputs(attacks, forget, relearn_steps, relearn_learning_rate, relearn_lora_r, target)
     name = model if isinstance(model, str) else "model"
     if isinstance(model, str):
@@ -364,7 +379,8 @@ def run_attacks(
         for attack in attacks:
             if attack in QUANTISATION_BITS:
                 quantised = load_quantised(folder, QUANTISATION_BITS[attack], name)
-                rows = scored_rows(quantised, forget, retain)
+                with _quiet_bitsandbytes():
+                    rows = scored_rows(quantised, forget, retain)
                 del quantised
                 figures[attack] = {"forget-set": forget_scores(rows),
                                    "retain-set": score_rows([r for r in rows if r["split"] == "retain"]).get("retain-set")}
