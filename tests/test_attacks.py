@@ -209,7 +209,8 @@ def test_attack_flags_without_attacks_are_an_error(workspace, capsys):
 def test_bad_attack_inputs_are_one_line_each(workspace, tmp_path, tiny_tokenizer, capsys, monkeypatch, case):
     model, data, flags = str(workspace / "target"), workspace / "data", ["--attacks", "relearn"]
     if case == "unknown":
-        flags, expected = ["--attacks", "quant8,quant3"], "unknown attack 'quant3'; expected a comma-separated list of quant8, quant4, relearn"
+        flags = ["--attacks", "quant8,quant3"]
+        expected = "unknown attack 'quant3'; expected a comma-separated list of quant8, quant4, relearn"
     elif case == "no_bitsandbytes":
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as when it is not installed
         flags, expected = ["--attacks", "quant4"], "pip install 'gnm_trainer[attacks]'"

@@ -79,7 +79,9 @@ def require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise GNMInputError(f"attacks quant8/quant4 need bitsandbytes, which is not installed: {INSTALL_HINT}") from error
+        raise GNMInputError(
+            f"attacks quant8/quant4 need bitsandbytes, which is not installed: {INSTALL_HINT}"
+        ) from error
 
 
 def check_attack_inputs(attacks: Sequence[str], forget, relearn_steps: int, relearn_learning_rate: float,
@@ -94,7 +96,9 @@ def check_attack_inputs(attacks: Sequence[str], forget, relearn_steps: int, rele
         if not relearn_learning_rate > 0:
             raise GNMInputError(f"relearn_learning_rate: expected a number > 0, got {relearn_learning_rate}")
         if relearn_lora_r < 0:
-            raise GNMInputError(f"relearn_lora_r: expected a LoRA rank >= 1, or 0 for full fine-tuning, got {relearn_lora_r}")
+            raise GNMInputError(
+                f"relearn_lora_r: expected a LoRA rank >= 1, or 0 for full fine-tuning, got {relearn_lora_r}"
+            )
         split_documents(load_unlearning_data(forget, split="forget"), seed=0)
     if isinstance(target, str):
         if not os.path.exists(target):
@@ -133,7 +137,8 @@ def recovery(target: Mapping[str, Mapping[str, Any]], unlearned: Mapping[str, Ma
     for group, attacked_scores in attacked.items():
         figures[group] = {}
         for metric in METRICS:
-            values = (target.get(group, {}).get(metric), unlearned.get(group, {}).get(metric), attacked_scores.get(metric))
+            values = (target.get(group, {}).get(metric), unlearned.get(group, {}).get(metric),
+                      attacked_scores.get(metric))
             if None in values:
                 figures[group][metric] = None
                 continue
@@ -382,8 +387,9 @@ def run_attacks(
                 with _quiet_bitsandbytes():
                     rows = scored_rows(quantised, forget, retain)
                 del quantised
+                retain_rows = [row for row in rows if row["split"] == "retain"]
                 figures[attack] = {"forget-set": forget_scores(rows),
-                                   "retain-set": score_rows([r for r in rows if r["split"] == "retain"]).get("retain-set")}
+                                   "retain-set": score_rows(retain_rows).get("retain-set")}
                 _add_recovery(figures[attack], figures["target-forget-set"], figures["unlearned-forget-set"])
             else:
                 train, held_out = split_documents(forget, seed)
