@@ -3,7 +3,9 @@
 Everything runs offline on CPU: the target is the tiny Llama that `make_target` trains (and caches) to memorise the
 synthetic LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small
 to write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
-the paper's loss recipe (`ga` 0.5, `klr` 5, `gnm` 0.04) with LoRA on all linear layers.
+the paper's loss recipe (`ga` 0.5, `klr` 5, `gnm` 0.04) with LoRA on all linear layers. Last, the attacks of
+`evaluation.attacks` (8-/4-bit quantisation, relearning on half the forget documents) measure how much of what was
+removed comes back, against the target's scores from step 2.
 """
 
 import json
@@ -29,6 +31,10 @@ class DemoSettings:
     lora_r: int = 8
     max_new_tokens: int = 256
     eval_batch_size: int = 32
+    attacks: bool = True  # quant8, quant4 (when bitsandbytes is installed) and relearn on the unlearned model
+    # The attacks score the forget set only, with shorter generations: 256 tokens on bitsandbytes' CPU kernels (8-bit
+    # is ~4x slower than float32 here) and the retain set too would take minutes (see the README for the time).
+    attack_max_new_tokens: int = 32
     quick: bool = False  # a much smaller target (4 documents per split), for the test suite
 
     def __post_init__(self):
@@ -39,7 +45,8 @@ class DemoSettings:
         from .negatives.schema import require_levels
 
         require_levels(self.negative_levels)
-        for name in ("max_steps", "per_device_train_batch_size", "lora_r", "max_new_tokens", "eval_batch_size"):
+        for name in ("max_steps", "per_device_train_batch_size", "lora_r", "max_new_tokens", "eval_batch_size",
+                     "attack_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GNMInputError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -71,6 +78,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
 
     from .data.loading import load_unlearning_splits
     from .evaluation import evaluate_model, load_mia_documents, write_report
+    from .evaluation.attacks import RESULTS_KEY, run_attacks
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
     from .gnm_trainer import GNMTrainer
@@ -84,7 +92,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     torch.manual_seed(settings.seed)
     wall_start = time.perf_counter()
 
-    start = _step("1/5 target model: a tiny Llama that memorised the synthetic dataset (cached after the first run)")
+    start = _step("1/6 target model: a tiny Llama that memorised the synthetic dataset (cached after the first run)")
     target_dir = settings.target_dir or default_target_dir()
     if settings.quick and settings.target_dir is None:
         target_dir = os.path.join(output_dir, "target")
@@ -102,12 +110,12 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.eval_batch_size,
     )
-    start = _step(f"2/5 evaluation before unlearning ({len(forget)} forget + {len(retain)} retain rows, MIA)")
-    before, _ = evaluate_model(model, tokenizer, forget, retain, **evaluation)
+    start = _step(f"2/6 evaluation before unlearning ({len(forget)} forget + {len(retain)} retain rows, MIA)")
+    before, target_rows = evaluate_model(model, tokenizer, forget, retain, **evaluation)
     atomic_write_json(os.path.join(output_dir, "results_before.json"), before)
     _done(start)
 
-    start = _step(f"3/5 gradual negatives ({settings.negatives_backend} backend, {settings.negative_levels} levels)")
+    start = _step(f"3/6 gradual negatives ({settings.negatives_backend} backend, {settings.negative_levels} levels)")
     negatives_path = os.path.join(output_dir, "negatives.jsonl")
     llm = {"generator": model, "tokenizer": tokenizer} if settings.negatives_backend == "llm" else {}
     negatives = build_negatives(
@@ -116,7 +124,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     )
     _done(start)
 
-    start = _step("4/5 unlearning with GNM (paper's recipe: ga 0.5 + klr 5 + gnm 0.04, LoRA on all linear layers)")
+    start = _step("4/6 unlearning with GNM (paper's recipe: ga 0.5 + klr 5 + gnm 0.04, LoRA on all linear layers)")
     args = GNMConfig(
         output_dir=os.path.join(output_dir, "model"),
         loss_terms=["ga", "klr", "gnm"],
@@ -144,17 +152,31 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     trainer.save_model()
     _done(start)
 
-    start = _step("5/5 evaluation after unlearning")
-    after, _ = evaluate_model(trainer.model, tokenizer, forget, retain, **evaluation)
+    start = _step("5/6 evaluation after unlearning")
+    after, unlearned_rows = evaluate_model(trainer.model, tokenizer, forget, retain, **evaluation)
+    _done(start)
+
+    attack_seconds = None
+    if settings.attacks:
+        attacks = _available_attacks()
+        start = _step(f"6/6 attacks on the unlearned model: {', '.join(attacks)} (recovery against the target)")
+        same_scoring = settings.attack_max_new_tokens == settings.max_new_tokens  # else both are rescored alike
+        after[RESULTS_KEY] = run_attacks(
+            trainer.model, tokenizer, forget, None, attacks, target=target_rows if same_scoring else target_dir,
+            unlearned_rows=unlearned_rows if same_scoring else None, seed=settings.seed,
+            max_new_tokens=settings.attack_max_new_tokens, batch_size=settings.eval_batch_size,
+        )
+        attack_seconds = round(time.perf_counter() - start, 1)
+        _done(start)
     atomic_write_json(os.path.join(output_dir, "results_after.json"), after)
     report_path, plot_path = write_report(output_dir, before, after, title="gnm demo: GNM unlearning on the embedded default")
-    _done(start)
 
     wall = time.perf_counter() - wall_start
     summary = {
         "settings": asdict(settings),
         "target_dir": target_dir,
         "wall_seconds": round(wall, 1),
+        "attack_seconds": attack_seconds,
         "before": before,
         "after": after,
         "report": report_path,
@@ -165,6 +187,18 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     print(markdown_report(before, after, title="gnm demo: before and after unlearning"))
     print(f"\nreport: {report_path}\nplot:   {plot_path}\nwall time: {wall:.0f} s")
     return summary
+
+
+def _available_attacks() -> tuple[str, ...]:
+    """Every attack; without bitsandbytes (the optional `attacks` extra) relearning only, with a line saying so."""
+    from .evaluation.attacks import ATTACKS, INSTALL_HINT, QUANTISATION_BITS
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print(f"[gnm demo]   bitsandbytes is not installed: quantisation attacks skipped ({INSTALL_HINT})", flush=True)
+        return tuple(name for name in ATTACKS if name not in QUANTISATION_BITS)
+    return ATTACKS
 
 
 if __name__ == "__main__":  # pragma: no cover

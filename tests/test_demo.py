@@ -15,7 +15,7 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
         ["demo", "--quick", "--output-dir", str(output), "--max-steps", "60", "--learning-rate", "3e-3", "--max-new-tokens", "32"]
     )
     assert code == 0
-    for name in ("report.md", "plot.png", "results_before.json", "results_after.json", "negatives.jsonl", "demo_summary.json"):
+    for name in ("report.md", "plot.png", "attacks.png", "results_before.json", "results_after.json", "negatives.jsonl", "demo_summary.json"):
         assert (output / name).exists(), name
     assert (output / "model" / "adapter_config.json").exists()
     before = json.loads((output / "results_before.json").read_text())
@@ -29,3 +29,12 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
     assert manifest["collapse_guard"]["collapsed"] is False  # forgetting without collapsing the retain set
     printed = capsys.readouterr().out
     assert "| forget | Task2 |" in printed and "report:" in printed
+    # the attacks, against the target's scores from the evaluation before unlearning
+    attacks = after["attacks"]
+    assert attacks["settings"]["attacks"] == ["quant8", "quant4", "relearn"]
+    assert attacks["target-forget-set"]["overall"]["knowledge-score"] == forget_before[1]
+    assert attacks["unlearned-forget-set"]["overall"]["knowledge-score"] == forget_after[1]
+    for name in ("quant8", "quant4", "relearn"):
+        assert attacks[name]["recovery"]["overall"]["mean"] is not None
+    assert "## Attacks" in printed and "| relearn | held-out half" in (output / "report.md").read_text()
+    assert json.loads((output / "demo_summary.json").read_text())["attack_seconds"] > 0

@@ -7,7 +7,8 @@ EXAMPLES = """examples:
   gnm demo --output_dir /tmp/demo --max_steps 100
   gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
 
-It prints a before/after table and writes report.md, plot.png, results_before.json, results_after.json,
+It prints a before/after table and the attacks' figures (quantisation and relearning: how much of what was
+removed comes back) and writes report.md, plot.png, attacks.png, results_before.json, results_after.json,
 negatives.jsonl and the unlearned adapter (model/) into the output folder. The target model is cached
 (see `gnm make-target`), so only the first run trains it.
 """
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max_steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens, help="evaluation generation length")
+    parser.add_argument("--no_attacks", action="store_true", help="skip the quantisation and relearning attacks")
     parser.add_argument("--quick", action="store_true", help="a much smaller target and a 1-step run (for tests)")
     parser.set_defaults(func=run)
 
@@ -49,6 +51,7 @@ def run(args) -> int:
             max_steps=args.max_steps,
             learning_rate=args.learning_rate,
             max_new_tokens=args.max_new_tokens,
+            attacks=not args.no_attacks,
             quick=args.quick,
         )
     )

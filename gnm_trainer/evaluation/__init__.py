@@ -1,9 +1,11 @@
 """Evaluation with the SemEval-2025 Task 4 (LUME) metric: pure metric functions, batched generation and NLL,
-evaluation of a model in memory or on disk (one or several processes), reports, an in-training callback that keeps
-the best checkpoint, and an `evaluate` module (`evaluate.load(SEMEVAL_METRIC_PATH)`)."""
+evaluation of a model in memory or on disk (one or several processes), attacks on an unlearned model (quantisation,
+relearning), reports, an in-training callback that keeps the best checkpoint, and an `evaluate` module
+(`evaluate.load(SEMEVAL_METRIC_PATH)`)."""
 
 import os
 
+from .attacks import ATTACKS, run_attacks
 from .evaluator import (
     PER_EXAMPLE_FILE,
     RESULTS_FILE,
@@ -45,6 +47,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ATTACKS",
     "PER_EXAMPLE_FILE",
     "RESULTS_FILE",
     "SEMEVAL_METRIC_PATH",
@@ -69,6 +72,7 @@ __all__ = [
     "regurgitation_score",
     "resolve_mmlu_score",
     "rouge_l",
+    "run_attacks",
     "score_example",
     "score_rows",
     "semeval_results",

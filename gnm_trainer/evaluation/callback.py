@@ -24,6 +24,7 @@ from .semeval import flatten_results
 LOG_PREFIX = "semeval/"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
+ATTACKS_FILE = "attacks.json"
 
 
 class SemEvalCallback(TrainerCallback):
@@ -45,6 +46,11 @@ class SemEvalCallback(TrainerCallback):
         text_template: None (default) prompts with the raw inputs, as the official evaluation does; pass the
             training template (`args.text_template`) to score the model in the format it is trained on.
         show_progress: tqdm bars during each evaluation (off by default: they would break the training bar).
+        attacks: attack names (`evaluation.attacks.ATTACKS`) run on the model after the final evaluation (None, the
+            default: none). Their figures are kept in `attack_results`, logged as `semeval/attacks/<key>`, and written
+            by the main process to `<output_dir>/attacks.json`.
+        attack_options: passed to `run_attacks`: `target` (the model before unlearning, a results file of it or its
+            per-example rows, for the recovery), `seed`, `relearn_steps`, `relearn_learning_rate`, `relearn_lora_r`.
     """
 
     def __init__(
@@ -64,9 +70,15 @@ class SemEvalCallback(TrainerCallback):
         dtype: str = "auto",
         text_template: str | None = None,
         show_progress: bool = False,
+        attacks: Sequence[str] | str | None = None,
+        attack_options: dict[str, Any] | None = None,
     ):
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be at least 1, got {eval_steps}")
+        if attacks:
+            from .attacks import parse_attacks
+
+            attacks = parse_attacks(attacks)  # a wrong name fails now, not after training
         self.forget, self.retain = forget, retain
         self.mia_members, self.mia_nonmembers = mia_members, mia_nonmembers
         self.eval_steps = eval_steps
@@ -80,6 +92,9 @@ class SemEvalCallback(TrainerCallback):
         self.dtype = dtype
         self.text_template = text_template
         self.show_progress = show_progress
+        self.attacks = attacks or None
+        self.attack_options = dict(attack_options or {})
+        self.attack_results: dict[str, Any] | None = None
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.last_evaluated_step: int | None = None
@@ -92,7 +107,24 @@ class SemEvalCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.last_evaluated_step != state.global_step:
             self.evaluate(args, state, kwargs["model"], kwargs.get("processing_class"))
+        if self.attacks:
+            self.attack(args, state, kwargs["model"], kwargs.get("processing_class"))
         return control
+
+    def attack(self, args, state, model, processing_class=None) -> dict[str, Any]:
+        """Run `attacks` on `model` (left unchanged), log their figures and write `attacks.json`; returns them."""
+        from .attacks import run_attacks
+
+        self.attack_results = run_attacks(
+            model, self.tokenizer or processing_class, self.forget, self.retain, self.attacks,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, text_template=self.text_template,
+            show_progress=self.show_progress, **self.attack_options,
+        )
+        metrics = flatten_results({"attacks": self.attack_results})
+        state.log_history.append({"step": state.global_step, **{f"{LOG_PREFIX}{k}": v for k, v in metrics.items()}})
+        if state.is_world_process_zero:
+            atomic_write_json(os.path.join(self.output_dir or args.output_dir, ATTACKS_FILE), self.attack_results)
+        return self.attack_results
 
     def evaluate(self, args, state, model, processing_class=None) -> dict[str, Any]:
         """Score `model` now, log the metrics, and save it when the objective improved; returns the results."""

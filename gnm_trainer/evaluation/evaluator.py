@@ -162,10 +162,11 @@ def answer_of(generation: str, closing: str) -> str:
 
 
 def _examples(forget, retain, text_template: str | None = None) -> list[dict[str, Any]]:
-    """One example per forget and retain row; `prompt` is the text generation is prompted with."""
+    """One example per forget and retain row (a split given as None has none); `prompt` is the text generation is
+    prompted with."""
     examples = []
     for split, source in (("forget", forget), ("retain", retain)):
-        for row in load_unlearning_data(source, split=split):
+        for row in [] if source is None else load_unlearning_data(source, split=split):
             prompt = row["prompt"]
             if text_template is not None:
                 prompt = render_prompt(prompt, text_template, row["chat"])
@@ -212,7 +213,8 @@ def evaluate_model(
     """Score `model` with the SemEval-2025 Task 4 metric; returns `(results, per_example_rows)`.
 
     Args:
-        forget, retain: normalised datasets (`load_unlearning_data`) or lists of rows in any accepted format.
+        forget, retain: normalised datasets (`load_unlearning_data`) or lists of rows in any accepted format; None
+            for a split leaves it out (the attacks score part of the forget set alone).
         mia_members, mia_nonmembers: documents for the loss-based membership attack (both or neither).
         mmlu_score: an MMLU average computed elsewhere (enters the final score when given).
         dtype: "auto" evaluates the model as it is; "float32", "bfloat16" or "float16" evaluate a copy cast to that
@@ -377,6 +379,8 @@ def evaluate_path(
     dtype: str = DEFAULT_DTYPE,
     text_template: str | None = None,
     show_progress: bool = True,
+    attacks: str | Sequence[str] | None = None,
+    attack_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model saved at `model_path` on `data_dir` and write the results into `output_dir`.
 
@@ -385,6 +389,10 @@ def evaluate_path(
     the model is loaded. The model is loaded in `dtype` (float32 by default; `"bfloat16"` with `batch_size=1` is
     the organisers' setting, which the leaderboard's numbers come from); `text_template` and `show_progress` as in
     `evaluate_model`.
+
+    `attacks` (names from `attacks.ATTACKS`) also runs those attacks on the model (`attacks.run_attacks`, with
+    `attack_options`: `target`, `seed`, `relearn_steps`, ...) and stores their figures under the `attacks` key, beside
+    the official keys, which stay as they are.
     """
     check_output_folder(output_dir, "output_dir")
     mmlu = resolve_mmlu_score(mmlu_score)
@@ -392,6 +400,11 @@ def evaluate_path(
     prompt_format(text_template), torch_dtype(dtype)  # checked before anything is loaded
     forget, retain = load_unlearning_splits(data_dir, partition=partition)
     members, nonmembers = load_mia_documents(mia_dir) if mia_dir else (None, None)
+    attack_options = dict(attack_options or {})
+    if attacks:
+        from .attacks import check_attack_inputs
+
+        attacks = check_attack_inputs(attacks, forget, **_attack_checks(attack_options))
     model, tokenizer = load_model_and_tokenizer(model_path, dtype)
     extra_notes = []
     if run_mmlu and mmlu is None:
@@ -403,6 +416,12 @@ def evaluate_path(
     results["notes"] = extra_notes + results["notes"]
     results["settings"] = {"model": model_path, "data": data_dir, "partition": partition, "mia_data": mia_dir,
                            **results["settings"]}
+    if attacks:
+        from .attacks import RESULTS_KEY, run_attacks
+
+        results[RESULTS_KEY] = run_attacks(model, tokenizer, forget, retain, attacks, unlearned_rows=rows,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           text_template=text_template, show_progress=show_progress, **attack_options)
     if is_main_process():
         atomic_write_json(os.path.join(output_dir, RESULTS_FILE), results)
         atomic_write_jsonl(os.path.join(output_dir, PER_EXAMPLE_FILE), rows)
@@ -415,6 +434,16 @@ def evaluate_path(
             else:
                 write_report(output_dir, baseline, results, title=title)
     return results
+
+
+def _attack_checks(attack_options: dict[str, Any]) -> dict[str, Any]:
+    """The options `check_attack_inputs` looks at, with `run_attacks`'s defaults for those not given."""
+    from . import attacks
+
+    return {"relearn_steps": attack_options.get("relearn_steps", attacks.DEFAULT_RELEARN_STEPS),
+            "relearn_learning_rate": attack_options.get("relearn_learning_rate", attacks.DEFAULT_RELEARN_LEARNING_RATE),
+            "relearn_lora_r": attack_options.get("relearn_lora_r", attacks.DEFAULT_RELEARN_LORA_R),
+            "target": attack_options.get("target")}
 
 
 def _read_results(path: str) -> dict[str, Any]:
