@@ -1,25 +1,36 @@
-"""Quality benchmark: unlearning methods compared on LUME with the SemEval-2025 Task 4 metric.
+"""Quality benchmark: unlearning methods compared on LUME with the SemEval-2025 Task 4 metric, and attacked.
 
-    python benchmarks/quality.py --preset cpu --workers 2       # about an hour on 2 CPU cores
-    python benchmarks/quality.py --preset gpu                    # all of LUME, a ~100M model (GPU)
+    python benchmarks/quality.py --preset cpu --workers 2       # at most 90 minutes on 2 CPU cores, target cached
+    python benchmarks/quality.py --preset cpu --workers 2 --methods simnpo-gd,gnm-paper     # a subset
+    python benchmarks/quality.py --preset gpu                    # half of LUME, a ~100M model (GPU)
     python benchmarks/quality.py --preset smoke                  # seconds; what the test suite runs
 
 What one run does, in order (every stage is cached in `--output`, so a re-run only does what is missing):
 
-1. Data: LUME from `../shared/data/lume` when present, else LUME's Hub dataset id (or `--data`: a folder, a Hub id,
-   or `synthetic` for the embedded LUME-format set), cut to the preset's documents per task and partition (a
-   document's sentence-completion and QA rows stay together).
-2. Target: `make_target` trains a tiny Llama to memorise the forget and retain rows of both partitions and the MIA
-   member documents, as the organisers fine-tuned OLMo on theirs.
-3. Negatives for the forget rows: the model-free backend, and the LLM backend prompted through the target itself.
-4. Weight choice for "GNM (tuned)": the grid in the preset, each point unlearning the *validation* forget set with
-   the validation retain set, scored by HM12 on those validation rows only. The train rows are never looked at.
-5. Every method x seed unlearns the train forget set (LoRA, same optimiser, learning rate and steps for all,
-   collapse guard off so that a collapse shows) and is evaluated every `eval_every` steps. Every method trains on
-   GNMConfig's default text, prompt and completion joined by one space, so the raw prompts the evaluation feeds are
-   the format each was trained in ("GNM (paper)" is the paper's loss and weights, not its `>> ... is the answer.`
-   template, which would confound the comparison: see recipes/olmo-7b/semeval25/README.md).
-6. `summary.md`, `summary.json` and `tradeoff.png` in `--output`: mean +- sd over seeds, and the curves.
+1. Data: LUME from `../shared/data/lume` when present, else LUME's Hub id (or `--data`: a folder, a Hub id, or
+   `synthetic` for the embedded LUME-format set), cut to the preset's documents per task and partition (a
+   document's sentence-completion and QA rows stay together). Every LUME document left out is pretraining text,
+   except a few per task held out to measure the target (the GPU preset keeps about half of LUME for the benchmark
+   and pretrains on the other half; LUME is the only text of its kinds on these machines).
+2. Target: `make_target` pretrains a tiny Llama on that text, then fine-tunes it until it memorises the forget and
+   retain rows of both partitions and the MIA member documents, as the organisers fine-tuned a pretrained OLMo.
+   Its report: mean NLL of members, non-members and held-out documents of each task, against uniform guessing.
+3. Negatives for the forget rows of both partitions (the model-free backend).
+4. Validation: every method (every point of its weight grid) unlearns the *validation* forget set with the
+   validation retain set, seed 0, evaluated every `eval_every` steps with the official metric and a membership
+   attack on the validation members (the validation Task3 forget documents) against non-members no train figure
+   uses. Each method keeps the weights and the step with the best validation final score (HM12 and MIA score)
+   among the points that did not collapse. The train rows are never looked at. "Recommended" is the method whose
+   choice scored best.
+5. Comparison: every method x seed unlearns the train forget set for its chosen number of steps (LoRA, same
+   optimiser and constant learning rate for all, so that the state at step s is what a run of s steps ends with;
+   collapse guard off so that a collapse shows), evaluated at the end (seed 0 also every `eval_every` steps).
+   Every method trains on GNMConfig's default text, prompt and completion joined by one space, the raw prompts the
+   evaluation feeds.
+6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4) and relearned (RTT on half of the
+   forget documents, the other half scored) by `gnm_trainer.evaluation.attacks.run_attacks`; the recovery is the
+   share of what unlearning removed that came back.
+7. `summary.md`, `summary.json` and `tradeoff.png` in `--output`: mean +- sd over seeds, the curves, the attacks.
 
 The metric per evaluation: the official one (regurgitation and knowledge per task and split, HM12, MIA AUC and
 score, final score without MMLU), the paper's QA ROUGE-L (F-measure, per split), a utility proxy (mean token NLL
@@ -29,6 +40,7 @@ of held-out Wikipedia documents the target never saw; MMLU cannot run offline) a
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -41,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_paths import DEFAULT_LUME, HERE  # noqa: E402
 from quality_report import measure_model, write_summary  # noqa: E402
 
-from gnm_trainer.io_utils import atomic_write_json, read_json_file  # noqa: E402
+from gnm_trainer.io_utils import atomic_write_json, atomic_write_jsonl, read_json_file  # noqa: E402
 
 LUME_HUB_ID = "llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public"
 SYNTHETIC = "synthetic"
@@ -49,14 +61,39 @@ SYNTHETIC = "synthetic"
 
 @dataclass(frozen=True)
 class Method:
-    """One unlearning method: its loss terms, weights that differ from GNMConfig's defaults, and its negatives."""
+    """One unlearning method: its loss terms, weights that differ from GNMConfig's defaults, its negatives, other
+    GNMConfig settings, the layers LoRA adapts, and (ZJUKLAB) the step budgets of the two adapters it merges."""
 
     name: str
     loss_terms: tuple[str, ...]
     weights: tuple[tuple[str, float], ...] = ()
     negatives: str | None = None  # "perturb" or "llm" for methods with the gnm term
-    tuned: bool = False  # weights come from the validation grid
+    grid: tuple["Method", ...] = ()  # variants (loss terms, weights) tried on validation; the best is kept
+    options: tuple[tuple[str, object], ...] = ()  # other GNMConfig fields
+    lora_layers: tuple[int, ...] | None = None  # None: every layer
+    # ZJUKLAB: the adapters merged with TIES, each (share of the steps, its weights); the first over-forgets
+    merged: tuple[tuple[float, tuple[tuple[str, float], ...]], ...] = ()
 
+    @property
+    def is_gnm(self) -> bool:
+        return "gnm" in self.loss_terms
+
+
+TUNED_GNM = "GNM (tuned on validation)"
+
+
+def gnm_variant(loss_terms: tuple[str, ...], **weights: float) -> Method:
+    return Method(TUNED_GNM, loss_terms, tuple(sorted(weights.items())), negatives="perturb")
+
+
+# What "GNM (tuned on validation)" tries: the paper's terms with larger weights, and the gradual negatives with NPO,
+# with SimNPO, and in place of any ascent (matching only, with the retain KL).
+GNM_GRID = (
+    *(gnm_variant(("ga", "klr", "gnm"), ga=ga, gnm=gnm) for ga in (0.5, 1.0) for gnm in (0.2, 1.0)),
+    *(gnm_variant(("npo", "gd", "gnm"), gnm=gnm) for gnm in (0.2, 1.0)),
+    *(gnm_variant(("simnpo", "gd", "gnm"), simnpo=1.0, gd=1.0, gnm=gnm) for gnm in (0.2, 1.0)),
+    *(gnm_variant(("klr", "gnm"), gnm=gnm) for gnm in (1.0, 5.0)),
+)
 
 METHODS = (
     Method("GA", ("ga",)),
@@ -64,10 +101,21 @@ METHODS = (
     Method("GA+KL", ("ga", "klr")),
     Method("NPO+GD", ("npo", "gd")),
     Method("RM (GA+KL+RM)", ("ga", "klr", "rm")),
+    # The SemEval-2025 winners' methods, with the weights of their recipes in recipes/olmo-7b/semeval25/.
+    Method("SimNPO+GD", ("simnpo", "gd"), weights=(("gd", 1.0), ("simnpo", 1.0))),
+    # AILS-NTUA (1st): gradient difference, the forget set in 4 disjoint chunks unlearned in turn.
+    Method("Chunked GA+GD (AILS-NTUA)", ("ga", "gd"), weights=(("ga", 1.0), ("gd", 1.0)),
+           options=(("forget_chunks", 4), ("epochs_per_chunk", 3))),
+    # ZJUKLAB (2nd): an over- and an under-forgetting NPO+GD+KL adapter merged with TIES (their code: weights
+    # 0.4/0.4/0.2 for 800 steps and 0.3/0.3/0.4 for 400).
+    Method("Merged NPO+GD+KL (ZJUKLAB)", ("npo", "gd", "klr"),
+           merged=((1.0, (("gd", 0.2), ("klr", 0.4), ("npo", 0.4))), (0.5, (("gd", 0.4), ("klr", 0.3), ("npo", 0.3))))),
+    # SHA256: only the first layers adapted (0-5 of OLMo-7B's 32; here layer 0 of 4), gradient difference.
+    Method("Layer-selective GA+GD (SHA256)", ("ga", "gd"), weights=(("ga", 1.0), ("gd", 1.0)), lora_layers=(0,)),
     Method("GNM (paper)", ("ga", "klr", "gnm"), negatives="perturb"),
-    Method("GNM (paper, LLM negatives)", ("ga", "klr", "gnm"), negatives="llm"),
-    Method("GNM (tuned on validation)", ("ga", "klr", "gnm"), negatives="perturb", tuned=True),
+    Method(TUNED_GNM, ("ga", "klr", "gnm"), negatives="perturb", grid=GNM_GRID),
 )
+LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -86,35 +134,39 @@ class Preset:
     negative_levels: int = 4
     max_new_tokens: int = 256
     eval_batch_size: int = 32
-    mia_nonmembers: int = 50  # non-members used by the attack; the others are the held-out utility documents
-    heldout_documents: int = 50
-    tuning_grid: tuple[tuple[tuple[str, float], ...], ...] = ()
-    tuning_steps: int = 84  # the same number of steps as the comparison, on the smaller validation forget set
+    mia_nonmembers: int = 50  # non-members used by the attack; the next ones are the held-out utility documents,
+    heldout_documents: int = 50  # then the validation attack's non-members
+    heldout_per_task: int = 8  # LUME documents per task kept out of the target's pretraining, to measure it
     methods: tuple[str, ...] = tuple(method.name for method in METHODS)
+    attacks: tuple[str, ...] = ("quant8", "quant4", "relearn")
+    attack_seeds: tuple[int, ...] = (0,)
+    grid_points: int | None = None  # how many variants of a method's grid are tried (None: all)
 
-
-GNM_GRID = tuple((("ga", ga), ("gnm", gnm)) for ga in (0.5, 1.0) for gnm in (0.04, 0.2, 1.0))
 
 PRESETS = {
     "cpu": Preset(
-        documents={"train": {"Task1": 6, "Task2": 32, "Task3": 10}, "validation": {"Task1": 3, "Task2": 10, "Task3": 3}},
-        target={"hidden_size": 256, "num_layers": 4, "num_heads": 4, "epochs": 40, "include_validation": True},
-        tuning_grid=GNM_GRID,
+        documents={"train": {"Task1": 6, "Task2": 32, "Task3": 10}, "validation": {"Task1": 3, "Task2": 10, "Task3": 8}},
+        target={"hidden_size": 256, "num_layers": 4, "num_heads": 4, "epochs": 40, "include_validation": True,
+                "pretraining_epochs": 3},
     ),
     "gpu": Preset(
-        documents={"train": None, "validation": None},
+        # About half of LUME's documents (of each task and partition); the other half is the pretraining text.
+        documents={"train": {"Task1": 42, "Task2": 52, "Task3": 76}, "validation": {"Task1": 12, "Task2": 12,
+                                                                                    "Task3": 17}},
         target={"hidden_size": 768, "num_layers": 12, "num_heads": 12, "vocab_size": 8192, "epochs": 40,
-                "learning_rate": 5e-4, "include_validation": True},
+                "learning_rate": 5e-4, "include_validation": True, "pretraining_epochs": 3},
         max_steps=800, eval_every=100, batch_size=8, learning_rate=2e-4, lora_r=16, eval_batch_size=64,
-        mia_nonmembers=75, heldout_documents=75, tuning_grid=GNM_GRID, tuning_steps=100,
+        mia_nonmembers=50, heldout_documents=50, heldout_per_task=16,
     ),
     "smoke": Preset(
-        documents={"train": {"Task1": 1, "Task2": 2, "Task3": 1}, "validation": {"Task1": 0, "Task2": 1, "Task3": 0}},
+        documents={"train": {"Task1": 1, "Task2": 2, "Task3": 1}, "validation": {"Task1": 0, "Task2": 1, "Task3": 1}},
         target={"hidden_size": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 512, "epochs": 3, "max_epochs": 3,
-                "include_validation": True, "require_memorised": False},  # a smoke target memorises nothing
+                "include_validation": True, "require_memorised": False, "pretraining_epochs": 1},
         max_steps=4, eval_every=2, batch_size=4, seeds=(0, 1), curve_seeds=(0, 1), negative_levels=2, max_new_tokens=16,
-        mia_nonmembers=4, heldout_documents=4, tuning_grid=GNM_GRID[:2], tuning_steps=2,
-        methods=("GA", "GNM (paper)", "GNM (paper, LLM negatives)", "GNM (tuned on validation)"),
+        mia_nonmembers=4, heldout_documents=4, heldout_per_task=1,
+        methods=("GA", "Merged NPO+GD+KL (ZJUKLAB)", "Layer-selective GA+GD (SHA256)", "GNM (paper)",
+                 "GNM (tuned on validation)"),
+        attacks=("quant8", "relearn"), grid_points=2,
     ),
 }
 
@@ -124,17 +176,26 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def lume_subset(source, documents: dict, seed: int = 0) -> dict[str, list[dict]]:
+def document_text(rows: list[dict]) -> str:
+    """A document rebuilt from its LUME rows: the sentence-completion text, then each QA pair on its own line."""
+    ordered = sorted(rows, key=lambda row: not row["id"][:-1].endswith("sc"))
+    return "\n".join(row["input"] + " " + row["output"] for row in ordered)
+
+
+def lume_subset(source, documents: dict, seed: int = 0, heldout_per_task: int = 0) -> dict[str, list[dict]]:
     """The target's data: `documents[partition][task]` documents drawn with `seed` from each split of `source`
     (None for a partition or a task count keeps all), the MIA members of the kept forget documents and every
-    non-member."""
+    non-member. Every LUME document that is not kept is pretraining text (`pretraining`), except
+    `heldout_per_task` documents per task kept apart (`heldout`) to measure the target's language ability on text of
+    the benchmark's kinds that it never read."""
     from gnm_trainer.target import document_key, load_target_data
 
     data = load_target_data(source)
     rng = random.Random(seed)
     subset: dict[str, list[dict]] = {}
+    unused: dict[tuple[str, str], list[dict]] = {}
     for key, rows in data.items():
-        if key.startswith("mia"):
+        if key.startswith("mia") or key == "pretraining":
             continue
         counts = documents.get(key.split("_")[1])
         keep: set[str] = set()
@@ -143,9 +204,20 @@ def lume_subset(source, documents: dict, seed: int = 0) -> dict[str, list[dict]]
             count = len(keys) if counts is None or counts.get(task) is None else min(counts[task], len(keys))
             keep |= set(rng.sample(keys, count))
         subset[key] = [row for row in rows if document_key(row["id"]) in keep]
+        for row in rows:
+            if document_key(row["id"]) not in keep:
+                unused.setdefault((row["task"], document_key(row["id"])), []).append(row)
     kept_forget = {document_key(row["id"]) for row in subset["forget_train"]}
     subset["mia_member"] = [row for row in data["mia_member"] if row["id"] in kept_forget]
     subset["mia_nonmember"] = list(data["mia_nonmember"])
+    heldout: set[tuple[str, str]] = set()
+    for task in sorted({task for task, _ in unused}):
+        keys = sorted(key for key in unused if key[0] == task)
+        heldout |= set(rng.sample(keys, min(heldout_per_task, len(keys))))
+    as_documents = lambda keys: [{"id": key[1], "task": key[0], "document": document_text(unused[key])}  # noqa: E731
+                                 for key in sorted(keys)]
+    subset["pretraining"] = as_documents(set(unused) - heldout)
+    subset["heldout"] = as_documents(heldout)
     return subset
 
 
@@ -155,8 +227,9 @@ def build_target(preset: Preset, data_source: str, output: str) -> str:
 
     if data_source == SYNTHETIC:
         data_source = make_synthetic_lume(seed=0)
-    return make_target(lume_subset(data_source, preset.documents), output_dir=os.path.join(output, "target"),
-                       seed=0, progress=True, **preset.target)
+    subset = lume_subset(data_source, preset.documents, heldout_per_task=preset.heldout_per_task)
+    atomic_write_jsonl(os.path.join(output, "heldout_documents.jsonl"), subset.pop("heldout"))
+    return make_target(subset, output_dir=os.path.join(output, "target"), seed=0, progress=True, **preset.target)
 
 
 @dataclass(frozen=True)
@@ -176,49 +249,66 @@ class Workspace:
     def job_path(self, job_name: str) -> str:
         return os.path.join(self.output, "runs", f"{job_name}.json")
 
+    def adapter_dir(self, job_name: str) -> str:
+        return os.path.join(self.output, "adapters", job_name)
 
-def documents_for_evaluation(data_dir: str, preset: Preset) -> dict[str, list[str]]:
-    """MIA members, the non-members the attack uses, and disjoint held-out documents for the utility proxy."""
+    def attack_path(self, job_name: str) -> str:
+        return os.path.join(self.output, "attacks", f"{job_name}.json")
+
+
+def validation_members(data_dir: str) -> list[str]:
+    """The validation partition's MIA members: its Task3 forget documents (their sentence-completion text), which
+    the target memorised like the train members (`include_validation`)."""
+    from gnm_trainer.data import load_unlearning_splits
+
+    forget, _ = load_unlearning_splits(data_dir, "validation")
+    return [row["prompt"] + " " + row["completion"] for row in forget
+            if row["task"] == "Task3" and row["id"][:-1].endswith("sc")]
+
+
+def documents_for_evaluation(data_dir: str, preset: Preset, partition: str = "train") -> dict[str, list[str]]:
+    """MIA members and the non-members the attack uses, and (train) disjoint held-out documents for the utility
+    proxy. Validation runs are attacked with the validation members and non-members no train figure uses."""
     from gnm_trainer.evaluation import load_mia_documents
 
     members, nonmembers = load_mia_documents(data_dir)
-    return {
-        "members": members,
-        "nonmembers": nonmembers[: preset.mia_nonmembers],
-        "heldout": nonmembers[preset.mia_nonmembers : preset.mia_nonmembers + preset.heldout_documents],
-    }
+    heldout_end = preset.mia_nonmembers + preset.heldout_documents
+    if partition == "validation":
+        return {"members": validation_members(data_dir),
+                "nonmembers": nonmembers[heldout_end : heldout_end + preset.mia_nonmembers], "heldout": []}
+    return {"members": members, "nonmembers": nonmembers[: preset.mia_nonmembers],
+            "heldout": nonmembers[preset.mia_nonmembers : heldout_end]}
 
 
 def build_negative_sets(preset: Preset, workspace: Workspace, backends: set[str]) -> dict[str, dict]:
-    """Negatives for the train forget rows (each backend in use) and for the validation forget rows (perturb);
-    returns, per set, its size, the share of LLM rewrites that fell back to the perturb backend and one example."""
+    """Negatives for the train and validation forget rows, for each backend in use; returns, per set, its size, the
+    share of LLM rewrites that fell back to the perturb backend and one example."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gnm_trainer.data import load_unlearning_splits
     from gnm_trainer.negatives import build_negatives
 
     stats = {}
-    wanted = [(backend, "train") for backend in sorted(backends)]
-    if preset.tuning_grid:
-        wanted.append(("perturb", "validation"))
-    for backend, partition in wanted:
-        forget, retain = load_unlearning_splits(workspace.data_dir, partition)
-        llm = {}
-        if backend == "llm":
-            tokenizer = AutoTokenizer.from_pretrained(workspace.target_dir)
-            llm = {"generator": AutoModelForCausalLM.from_pretrained(workspace.target_dir), "tokenizer": tokenizer,
-                   "batch_size": 32}
-        started = time.perf_counter()
-        rows = build_negatives(forget, backend, preset.negative_levels, workspace.negatives_path(backend, partition),
-                               retain_rows=retain, seed=0, progress=False, **llm)
-        print(f"[quality] negatives {backend}/{partition}: {time.perf_counter() - started:.0f} s", flush=True)
-        example = forget[0]
-        stats[f"{backend}/{partition}"] = {
-            "rows": len(rows),
-            "fallback_share": sum(row["fallback"] for row in rows) / max(1, len(rows)),
-            "example": {"prompt": example["prompt"], "completion": example["completion"],
-                        "levels": [row["completion"] for row in rows if row["id"] == example["id"]]},
-        }
+    for backend in sorted(backends):
+        for partition in ("train", "validation"):
+            forget, retain = load_unlearning_splits(workspace.data_dir, partition)
+            llm = {}
+            if backend == "llm":
+                tokenizer = AutoTokenizer.from_pretrained(workspace.target_dir)
+                llm = {"generator": AutoModelForCausalLM.from_pretrained(workspace.target_dir),
+                       "tokenizer": tokenizer, "batch_size": 32}
+            started = time.perf_counter()
+            rows = build_negatives(forget, backend, preset.negative_levels,
+                                   workspace.negatives_path(backend, partition), retain_rows=retain, seed=0,
+                                   progress=False, **llm)
+            print(f"[quality] negatives {backend}/{partition}: {time.perf_counter() - started:.0f} s", flush=True)
+            example = forget[0]
+            stats[f"{backend}/{partition}"] = {
+                "rows": len(rows),
+                "fallback_share": sum(row["fallback"] for row in rows) / max(1, len(rows)),
+                "example": {"prompt": example["prompt"], "completion": example["completion"],
+                            "levels": [row["completion"] for row in rows if row["id"] == example["id"]]},
+            }
     return stats
 
 
@@ -234,152 +324,322 @@ class Job:
     name: str
     method: Method
     seed: int
-    partition: str  # "train" for the comparison, "validation" for the weight grid
+    partition: str  # "validation" chooses weights and steps, "train" is the comparison
     max_steps: int
     eval_every: int
-    with_mia: bool
+    save_adapter: bool = False
+
+
+# Preset fields that do not change what one job computes: editing them keeps the cache.
+NOT_IN_JOB = ("methods", "attacks", "attack_seeds", "seeds", "curve_seeds", "grid_points")
 
 
 def job_fingerprint(job: Job, preset: Preset, target_fingerprint: str) -> str:
-    payload = {"job": asdict(job), "preset": asdict(preset), "target": target_fingerprint}
+    settings = {name: value for name, value in asdict(preset).items() if name not in NOT_IN_JOB}
+    payload = {"job": asdict(job), "preset": settings, "target": target_fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, threads: int) -> dict:
-    """Unlearn with `job.method`, evaluating every `eval_every` steps; writes and returns the job's record."""
-    import torch
+def unlearn(model, tokenizer, method: Method, weights, partition: str, seed: int, max_steps: int, preset: Preset,
+            workspace: Workspace, scratch: str, callbacks=()):
+    """One unlearning run of `method` on `partition`'s forget rows (LoRA, constant learning rate, collapse guard
+    off so that a collapse shows); returns the trainer after training."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from gnm_trainer import GNMConfig, GNMTrainer
     from gnm_trainer.data import load_unlearning_splits
     from gnm_trainer.negatives import read_negatives
 
+    forget, retain = load_unlearning_splits(workspace.data_dir, partition)
+    negatives = read_negatives(workspace.negatives_path(method.negatives, partition)) if method.negatives else None
+    args = GNMConfig(
+        output_dir=scratch,
+        loss_terms=list(method.loss_terms),
+        **{f"{term}_weight": weight for term, weight in weights},
+        **dict(method.options),
+        max_steps=max_steps,
+        max_prompt_length=384,  # long Task1/Task3 prompts are cut from the left, leaving room for the completion
+        per_device_train_batch_size=preset.batch_size,
+        learning_rate=preset.learning_rate,
+        lr_scheduler_type="constant",  # so that the state at step s is what a run of s steps ends with
+        logging_steps=max(1, preset.eval_every),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        collapse_guard=False,
+        disable_tqdm=True,
+    )
+    modules: dict = {"target_modules": "all-linear"}
+    if method.lora_layers is not None:  # PEFT takes chosen layers only with the modules named
+        modules = {"target_modules": LLAMA_LINEAR_MODULES, "layers_to_transform": list(method.lora_layers)}
+    lora = LoraConfig(r=preset.lora_r, lora_alpha=2 * preset.lora_r, lora_dropout=0.0, **modules)
+    trainer = GNMTrainer(model, args, train_dataset=forget, retain_dataset=retain, negative_dataset=negatives,
+                         processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+    trainer.train()
+    return trainer
+
+
+def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, threads: int) -> dict:
+    """Unlearn with `job.method`, evaluating every `eval_every` steps (a merged method: its two adapters, merged,
+    evaluated once); writes and returns the job's record."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from gnm_trainer.data import load_unlearning_splits
+
     torch.set_num_threads(threads)
     started = time.perf_counter()
     forget, retain = load_unlearning_splits(workspace.data_dir, job.partition)
-    documents = documents_for_evaluation(workspace.data_dir, preset) if job.with_mia else None
+    documents = documents_for_evaluation(workspace.data_dir, preset, job.partition)
     tokenizer = AutoTokenizer.from_pretrained(workspace.target_dir)
-    model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
-    negatives = None
-    if job.method.negatives:
-        negatives = read_negatives(workspace.negatives_path(job.method.negatives, job.partition))
     curve: list[dict] = []
+    final_rows: list[dict] = []
 
     def measure(current_model, step: int) -> None:
-        metrics = measure_model(current_model, tokenizer, forget, retain, documents, preset)
+        metrics, rows = measure_model(current_model, tokenizer, forget, retain, documents, preset)
         curve.append({"step": step, **metrics})
-        print(f"[quality] {job.name} step {step}: HM12 {metrics['hm12']:.3f}", flush=True)
+        final_rows[:] = rows
+        print(f"[quality] {job.name} step {step}: HM12 {metrics['hm12']:.3f}, MIA score {metrics['mia_score']:.3f}",
+              flush=True)
 
     class EvaluateEvery(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % job.eval_every == 0 or state.global_step == state.max_steps:
                 measure(model, state.global_step)
 
-    args = GNMConfig(
-        output_dir=os.path.join(workspace.output, "scratch", job.name),
-        loss_terms=list(job.method.loss_terms),
-        **{f"{term}_weight": weight for term, weight in job.method.weights},
-        max_steps=job.max_steps,
-        max_prompt_length=384,  # long Task1/Task3 prompts are cut from the left, leaving room for the completion
-        per_device_train_batch_size=preset.batch_size,
-        learning_rate=preset.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        logging_steps=max(1, job.eval_every),
-        save_strategy="no",
-        report_to="none",
-        seed=job.seed,
-        collapse_guard=False,
-        disable_tqdm=True,
-    )
-    lora = LoraConfig(r=preset.lora_r, lora_alpha=2 * preset.lora_r, lora_dropout=0.0, target_modules="all-linear")
-    trainer = GNMTrainer(model, args, train_dataset=forget, retain_dataset=retain, negative_dataset=negatives,
-                         processing_class=tokenizer, peft_config=lora, callbacks=[EvaluateEvery()])
-    trainer.train()
-    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    scratch = os.path.join(workspace.output, "scratch", job.name)
+    losses = []
+    if job.method.merged:
+        model = merged_model(job, preset, workspace, tokenizer, scratch)
+        measure(model, job.max_steps)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
+        trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
+                          preset, workspace, scratch, callbacks=[EvaluateEvery()])
+        losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+        model = trainer.model
+    if job.save_adapter:
+        model.save_pretrained(workspace.adapter_dir(job.name))
+        tokenizer.save_pretrained(workspace.adapter_dir(job.name))
     record = {
         "name": job.name, "method": job.method.name, "seed": job.seed, "partition": job.partition,
-        "loss_terms": list(job.method.loss_terms), "weights": dict(job.method.weights),
-        "fingerprint": fingerprint, "curve": curve, "log_history": losses,
+        "loss_terms": list(job.method.loss_terms), "weights": dict(job.method.weights), "max_steps": job.max_steps,
+        "fingerprint": fingerprint, "curve": curve, "final_rows": final_rows, "log_history": losses,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(workspace.job_path(job.name), record)
     return record
 
 
-def cached_record(workspace: Workspace, job: Job, fingerprint: str) -> dict | None:
-    path = workspace.job_path(job.name)
+def merged_model(job: Job, preset: Preset, workspace: Workspace, tokenizer, scratch: str):
+    """ZJUKLAB's recipe: one adapter per entry of `job.method.merged` (its share of `job.max_steps`, its weights),
+    merged with TIES by `gnm_trainer.merging.merge_adapters` (its defaults); the merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gnm_trainer.merging import merge_adapters
+
+    sources = []
+    for index, (fraction, weights) in enumerate(job.method.merged):
+        steps = max(1, round(fraction * job.max_steps))
+        model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
+        trainer = unlearn(model, tokenizer, job.method, weights, job.partition, job.seed, steps, preset, workspace,
+                          os.path.join(scratch, f"run{index}"))
+        sources.append(os.path.join(scratch, f"adapter{index}"))
+        trainer.model.save_pretrained(sources[-1])
+        tokenizer.save_pretrained(sources[-1])
+    merged = merge_adapters(sources, os.path.join(scratch, "merged"), base_model=workspace.target_dir,
+                            overwrite_output_dir=True)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace.target_dir), merged)
+
+
+def cached_record(path: str, fingerprint: str) -> dict | None:
     if not os.path.isfile(path):
         return None
-    record = read_json_file(path, "benchmark job record")
+    record = read_json_file(path, "benchmark record")
     return record if record.get("fingerprint") == fingerprint else None
+
+
+def run_pool(tasks: list[tuple[str, str, tuple]], workers: int) -> tuple[dict[str, dict], int]:
+    """Run `(name, cache_path_fingerprint, (function, *args))` tasks not in cache on `workers` processes."""
+    records, pending = {}, []
+    for name, (path, fingerprint), call in tasks:
+        cached = cached_record(path, fingerprint)
+        if cached is not None:
+            records[name] = cached
+        else:
+            pending.append((name, call))
+    print(f"[quality] {len(tasks) - len(pending)} cached, {len(pending)} to run on {workers} worker(s)", flush=True)
+    if workers <= 1:
+        for name, (function, *args) in pending:
+            records[name] = function(*args)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {name: pool.submit(function, *args) for name, (function, *args) in pending}
+            for name, future in futures.items():
+                records[name] = future.result()
+    return records, len(pending)
 
 
 def run_jobs(jobs: list[Job], preset: Preset, workspace: Workspace, target_fingerprint: str, workers: int,
              threads: int) -> tuple[list[dict], int]:
     """Every job's record, from cache when its fingerprint matches, else run on `workers` processes; and how many
     ran."""
-    records: dict[str, dict] = {}
-    pending = []
+    tasks = []
     for job in jobs:
         fingerprint = job_fingerprint(job, preset, target_fingerprint)
-        cached = cached_record(workspace, job, fingerprint)
-        if cached is not None:
-            records[job.name] = cached
-        else:
-            pending.append((job, fingerprint))
-    print(f"[quality] {len(jobs) - len(pending)} cached, {len(pending)} to run on {workers} worker(s)", flush=True)
-    if workers <= 1:
-        for job, fingerprint in pending:
-            records[job.name] = run_job(job, preset, workspace, fingerprint, threads)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {job.name: pool.submit(run_job, job, preset, workspace, fingerprint, threads)
-                       for job, fingerprint in pending}
-            for name, future in futures.items():
-                records[name] = future.result()
-    return [records[job.name] for job in jobs], len(pending)
+        tasks.append((job.name, (workspace.job_path(job.name), fingerprint),
+                      (run_job, job, preset, workspace, fingerprint, threads)))
+    records, ran = run_pool(tasks, workers)
+    return [records[job.name] for job in jobs], ran
 
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
-def tuning_jobs(preset: Preset) -> list[Job]:
-    gnm = next(method for method in METHODS if method.tuned)
-    return [
-        Job(f"tune_{slug(str(dict(weights)))}", replace(gnm, name="GNM grid point", weights=weights, tuned=False),
-            seed=0, partition="validation", max_steps=preset.tuning_steps, eval_every=preset.tuning_steps,
-            with_mia=False)
-        for weights in preset.tuning_grid
-    ]
+def method_candidates(method: Method, preset: Preset) -> list[Method]:
+    """The variants a method tries on validation: its grid (cut to `preset.grid_points`), else itself."""
+    return list(method.grid[: preset.grid_points] if preset.grid_points else method.grid) or [method]
 
 
-def choose_weights(records: list[dict]) -> tuple[tuple[tuple[str, float], ...], list[dict]]:
-    """The grid point with the best final validation HM12 (ties: the earlier point); and the grid's table."""
-    table = [{"weights": record["weights"], "hm12": record["curve"][-1]["hm12"]} for record in records]
-    best = max(range(len(table)), key=lambda i: (table[i]["hm12"], -i))
-    return tuple(sorted(table[best]["weights"].items())), table
+def variant_key(loss_terms, weights) -> str:
+    return "+".join(loss_terms) + "_" + "_".join(f"{term}{weight:g}" for term, weight in sorted(dict(weights).items()))
 
 
-def comparison_jobs(preset: Preset, tuned_weights) -> list[Job]:
+def validation_jobs(preset: Preset, methods: list[Method]) -> list[Job]:
+    """Seed 0 of every method (every variant of its grid) on the validation rows, evaluated every `eval_every`
+    steps."""
     jobs = []
-    for method in METHODS:
-        if method.name not in preset.methods:
-            continue
-        if method.tuned:
-            method = replace(method, weights=tuned_weights)
-        for seed in preset.seeds:
-            eval_every = preset.eval_every if seed in preset.curve_seeds else preset.max_steps
-            jobs.append(Job(f"{slug(method.name)}_seed{seed}", method, seed, "train", preset.max_steps, eval_every,
-                            with_mia=True))
+    for method in methods:
+        for variant in method_candidates(method, preset):
+            suffix = f"_{slug(variant_key(variant.loss_terms, variant.weights))}" if method.grid else ""
+            jobs.append(Job(f"validation_{slug(method.name)}{suffix}", variant, 0, "validation", preset.max_steps,
+                            preset.eval_every))
     return jobs
+
+
+def choose_on_validation(records: list[dict]) -> dict:
+    """A method's variant (loss terms, weights) and number of steps: the evaluated point with the best validation
+    final score (HM12 and MIA score) that did not collapse; ties go to fewer steps, then the earlier variant. With
+    the table of every point."""
+    table = [{"loss_terms": record["loss_terms"], "weights": record["weights"], "step": point["step"],
+              "hm12": point["hm12"], "mia_score": point["mia_score"], "final": point["final_no_mmlu"],
+              "collapsed": point["collapsed"]}
+             for record in records for point in record["curve"]]
+    usable = [i for i, row in enumerate(table) if not row["collapsed"]] or list(range(len(table)))
+    best = max(usable, key=lambda i: (table[i]["final"], -table[i]["step"], -i))
+    return {**table[best], "table": table}
+
+
+def chosen_variant(method: Method, choice: dict, preset: Preset) -> Method:
+    key = variant_key(choice["loss_terms"], choice["weights"])
+    return next(variant for variant in method_candidates(method, preset)
+                if variant_key(variant.loss_terms, variant.weights) == key)
+
+
+def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict]) -> list[Job]:
+    jobs = []
+    for method in methods:
+        choice = choices[method.name]
+        variant = chosen_variant(method, choice, preset)
+        for seed in preset.seeds:
+            eval_every = preset.eval_every if seed in preset.curve_seeds else choice["step"]
+            jobs.append(Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", choice["step"], eval_every,
+                            save_adapter=seed in preset.attack_seeds))
+    return jobs
+
+
+def attack_job(record: dict, preset: Preset, workspace: Workspace, target_rows: list[dict], fingerprint: str,
+               threads: int) -> dict:
+    """The attacks of `preset.attacks` on one saved adapter; writes and returns the record."""
+    import torch
+
+    from gnm_trainer.data import load_unlearning_splits
+    from gnm_trainer.evaluation.attacks import run_attacks
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    forget, retain = load_unlearning_splits(workspace.data_dir, "train")
+    figures = run_attacks(workspace.adapter_dir(record["name"]), workspace.target_dir, forget, retain,
+                          attacks=preset.attacks, target=target_rows, unlearned_rows=record["final_rows"], seed=0,
+                          max_new_tokens=preset.max_new_tokens, batch_size=preset.eval_batch_size)
+    result = {"name": record["name"], "method": record["method"], "seed": record["seed"], "fingerprint": fingerprint,
+              "attacks": figures, "wall_seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_json(workspace.attack_path(record["name"]), result)
+    print(f"[quality] attacks on {record['name']}: {result['wall_seconds']:.0f} s", flush=True)
+    return result
+
+
+def run_attack_jobs(records: list[dict], preset: Preset, workspace: Workspace, target_rows: list[dict], workers: int,
+                    threads: int) -> tuple[list[dict], int]:
+    tasks = []
+    for record in records:
+        if record["seed"] not in preset.attack_seeds or not preset.attacks:
+            continue
+        fingerprint = hashlib.sha256(json.dumps([record["fingerprint"], preset.attacks]).encode()).hexdigest()[:16]
+        tasks.append((record["name"], (workspace.attack_path(record["name"]), fingerprint),
+                      (attack_job, record, preset, workspace, target_rows, fingerprint, threads)))
+    results, ran = run_pool(tasks, workers)
+    return list(results.values()), ran
+
+
+def target_report(model, tokenizer, workspace: Workspace, documents: dict, preset: Preset) -> dict:
+    """How the target stands before unlearning: mean NLL of MIA members and non-members, of held-out LUME
+    documents of each task that it never read, and of uniform guessing over its vocabulary."""
+    from gnm_trainer.evaluation.generation import document_nll
+
+    def mean_nll(texts):
+        values = document_nll(model, tokenizer, texts, batch_size=preset.eval_batch_size) if texts else []
+        return sum(values) / len(values) if values else None
+
+    heldout_path = os.path.join(workspace.output, "heldout_documents.jsonl")
+    heldout = [json.loads(line) for line in open(heldout_path, encoding="utf-8")] if os.path.isfile(heldout_path) else []
+    report = {"uniform_nll": math.log(len(tokenizer)), "member_nll": mean_nll(documents["members"]),
+              "nonmember_nll": mean_nll(documents["nonmembers"])}
+    for task in ("Task1", "Task2", "Task3"):
+        report[f"heldout_{task}_nll"] = mean_nll([row["document"] for row in heldout if row["task"] == task])
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def select_methods(names: str | None, preset: Preset) -> list[Method]:
+    """The preset's methods, or those named in `--methods` (names or their slugs, comma-separated)."""
+    methods = [method for method in METHODS if method.name in preset.methods]
+    if not names:
+        return methods
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    by_name = {key: method for method in METHODS for key in (method.name, slug(method.name))}
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; expected some of {[slug(m.name) for m in METHODS]}")
+    return [method for method in METHODS if method in {by_name[name] for name in wanted}]
+
+
+def evaluate_target(workspace: Workspace, preset: Preset, target_info: dict) -> dict:
+    """The target's figures on the train rows (with its per-example rows, which the attacks compare with) and its
+    language-ability report; cached by the target's fingerprint."""
+    before_path = os.path.join(workspace.output, "before.json")
+    before = read_json_file(before_path, "evaluation of the target") if os.path.isfile(before_path) else None
+    if before is not None and before.get("fingerprint") == target_info["fingerprint"]:
+        return before
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gnm_trainer.data import load_unlearning_splits
+
+    forget, retain = load_unlearning_splits(workspace.data_dir)
+    model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
+    tokenizer = AutoTokenizer.from_pretrained(workspace.target_dir)
+    documents = documents_for_evaluation(workspace.data_dir, preset)
+    metrics, rows = measure_model(model, tokenizer, forget, retain, documents, preset)
+    before = {"fingerprint": target_info["fingerprint"], "step": 0, **metrics, "rows": rows,
+              "target_report": target_report(model.eval(), tokenizer, workspace, documents, preset)}
+    atomic_write_json(before_path, before)
+    return before
 
 
 def main(argv=None) -> dict:
@@ -388,6 +648,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=None, help="a LUME-format folder, a Hub dataset id, or 'synthetic' for the "
                         "embedded LUME-format set (default: ../shared/data/lume when present, else LUME's Hub id)")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/quality/<preset>")
+    parser.add_argument("--methods", default=None, help="comma-separated method names or slugs (default: the "
+                        f"preset's); slugs: {', '.join(slug(method.name) for method in METHODS)}")
     parser.add_argument("--workers", type=int, default=1, help="unlearning runs in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
     args = parser.parse_args(argv)
@@ -395,55 +657,61 @@ def main(argv=None) -> dict:
     import torch
 
     preset = PRESETS[args.preset]
+    methods = select_methods(args.methods, preset)
     output = os.path.abspath(args.output or os.path.join(HERE, "results", "quality", args.preset))
     data_source = args.data or (os.path.normpath(DEFAULT_LUME) if os.path.isdir(DEFAULT_LUME) else LUME_HUB_ID)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     torch.set_num_threads(threads)
-    wall_start = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
+    wall_start = stage_start = time.perf_counter()
     os.makedirs(output, exist_ok=True)
+
+    def stage_done(name: str) -> None:
+        nonlocal stage_start
+        stage_seconds[name] = round(time.perf_counter() - stage_start, 1)
+        stage_start = time.perf_counter()
 
     print(f"[quality] target ({args.preset} preset, data: {data_source})", flush=True)
     target_dir = build_target(preset, data_source, output)
     target_info = read_json_file(os.path.join(target_dir, "target_info.json"), "target info")
     workspace = Workspace(output, target_dir)
-    methods = [method for method in METHODS if method.name in preset.methods]
     negatives = build_negative_sets(preset, workspace, {method.negatives for method in methods if method.negatives})
+    before = evaluate_target(workspace, preset, target_info)
+    stage_done("target, negatives and its evaluation")
 
-    before_path = os.path.join(output, "before.json")
-    before = read_json_file(before_path, "evaluation of the target") if os.path.isfile(before_path) else None
-    if before is None or before.get("fingerprint") != target_info["fingerprint"]:
-        from gnm_trainer.data import load_unlearning_splits
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    validation, ran_validation = run_jobs(validation_jobs(preset, methods), preset, workspace,
+                                          target_info["fingerprint"], args.workers, threads)
+    choices = {method.name: choose_on_validation([r for r in validation if r["method"] == method.name])
+               for method in methods}
+    for name, choice in choices.items():
+        print(f"[quality] {name}: chosen on validation {choice['weights']} at step {choice['step']} "
+              f"(validation final {choice['final']:.3f})", flush=True)
+    stage_done("validation runs")
+    records, ran_train = run_jobs(train_jobs(preset, methods, choices), preset, workspace,
+                                  target_info["fingerprint"], args.workers, threads)
+    stage_done("comparison runs")
+    attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["rows"], args.workers, threads)
+    stage_done("attacks")
 
-        forget, retain = load_unlearning_splits(workspace.data_dir)
-        model = AutoModelForCausalLM.from_pretrained(target_dir)
-        metrics = measure_model(model, AutoTokenizer.from_pretrained(target_dir), forget, retain,
-                                documents_for_evaluation(workspace.data_dir, preset), preset)
-        before = {"fingerprint": target_info["fingerprint"], "step": 0, **metrics}
-        atomic_write_json(before_path, before)
-
-    tuned_weights, tuning_table, jobs_run = (), [], 0
-    if any(method.tuned for method in methods):
-        tuning, ran = run_jobs(tuning_jobs(preset), preset, workspace, target_info["fingerprint"], args.workers, threads)
-        jobs_run += ran
-        tuned_weights, tuning_table = choose_weights(tuning)
-        print(f"[quality] weights chosen on validation: {dict(tuned_weights)}", flush=True)
-    records, ran = run_jobs(comparison_jobs(preset, tuned_weights), preset, workspace, target_info["fingerprint"],
-                            args.workers, threads)
-    jobs_run += ran
-
+    recommended = max(choices, key=lambda name: choices[name]["final"])
     run_info = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "preset_settings": asdict(preset), "data": data_source,
-        "target": {key: target_info[key] for key in ("parameters", "rows", "epochs", "memorised", "memorisation",
-                                                     "wall_time_s", "config")},
-        "negatives": negatives, "tuning": tuning_table, "tuned_weights": dict(tuned_weights), "threads_per_worker": threads,
-        "workers": args.workers, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "wall_seconds": round(time.perf_counter() - wall_start, 1), "jobs_run": jobs_run,
-        "jobs_total": len(records) + len(tuning_table),
+        "methods": {method.name: {"loss_terms": list(method.loss_terms), "options": dict(method.options),
+                                  "lora_layers": method.lora_layers, "merged": method.merged,
+                                  "negatives": method.negatives} for method in methods},
+        "target": {key: target_info.get(key) for key in ("parameters", "rows", "epochs", "memorised", "memorisation",
+                                                         "wall_time_s", "config", "pretraining")},
+        "target_report": before["target_report"], "negatives": negatives,
+        "choices": choices, "recommended": {"method": recommended, **{k: v for k, v in choices[recommended].items()
+                                                                       if k != "table"}},
+        "threads_per_worker": threads, "workers": args.workers, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "stage_seconds": stage_seconds, "wall_seconds": round(time.perf_counter() - wall_start, 1),
+        "jobs_run": ran_validation + ran_train + ran_attacks,
+        "jobs_total": len(validation) + len(records) + len(attacks),
     }
-    summary = write_summary(output, before, records, run_info)
+    summary = write_summary(output, before, records, attacks, run_info)
     print(f"[quality] done in {run_info['wall_seconds']:.0f} s; see {output}/summary.md", flush=True)
     return summary
 

@@ -45,8 +45,9 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def measure_model(model, tokenizer, forget, retain, documents: dict | None, preset) -> dict:
-    """Every figure of one evaluation (see the module docstring); `documents` None skips MIA and utility."""
+def measure_model(model, tokenizer, forget, retain, documents: dict | None, preset) -> tuple[dict, list[dict]]:
+    """Every figure of one evaluation (see the module docstring) and the per-example rows; `documents` None skips
+    MIA and utility."""
     from gnm_trainer.evaluation import evaluate_model
     from gnm_trainer.evaluation.generation import document_nll
 
@@ -80,7 +81,7 @@ def measure_model(model, tokenizer, forget, retain, documents: dict | None, pres
     metrics["forgetting"] = _mean(1 - metrics[f"forget_{task}_{score}"] for task in TASKS for score in "RK"
                                   if metrics[f"forget_{task}_{score}"] is not None)
     metrics["retention"] = _mean(metrics[f"retain_{task}_{score}"] for task in TASKS for score in "RK")
-    return metrics
+    return metrics, rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,15 +117,53 @@ MAIN_COLUMNS = (
 )
 
 
-def main_table(before: dict, grouped: dict[str, list[dict]]) -> str:
-    header = "| method | " + " | ".join(name for name, _ in MAIN_COLUMNS) + " | collapsed runs |"
-    lines = [header, "|" + "---|" * (len(MAIN_COLUMNS) + 2)]
-    lines.append("| target (before) | " + " | ".join(_fmt(before.get(key)) for _, key in MAIN_COLUMNS) + " | – |")
+def attack_figure(attacks: dict[str, dict], method: str, attack: str, key: str) -> float | None:
+    """An attack's overall figure on `method`'s attacked run: `recovery` or `forget-set` (mean of R and K)."""
+    figures = attacks.get(method, {}).get(attack) or {}
+    return ((figures.get(key) or {}).get("overall") or {}).get("mean")
+
+
+def main_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, dict], attack_names) -> str:
+    attack_header = "".join(f" {name} recovery ↓ |" for name in attack_names)
+    header = ("| method | steps | " + " | ".join(name for name, _ in MAIN_COLUMNS) + " | collapsed runs |"
+              + attack_header)
+    lines = [header, "|" + "---|" * (len(MAIN_COLUMNS) + 3 + len(attack_names))]
+    lines.append("| target (before) | 0 | " + " | ".join(_fmt(before.get(key)) for _, key in MAIN_COLUMNS) + " | – |"
+                 + " – |" * len(attack_names))
     for method, runs in grouped.items():
         finals = [run["curve"][-1] for run in runs]
         collapsed = sum(final["collapsed"] for final in finals)
         values = " | ".join(cell([final[key] for final in finals]) for _, key in MAIN_COLUMNS)
-        lines.append(f"| {method} | {values} | {collapsed}/{len(finals)} |")
+        recovered = "".join(f" {_fmt(attack_figure(attacks, method, name, 'recovery'))} |" for name in attack_names)
+        lines.append(f"| {method} | {runs[0]['max_steps']} | {values} | {collapsed}/{len(finals)} |{recovered}")
+    return "\n".join(lines)
+
+
+def attack_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, dict], attack_names) -> str:
+    """Forget score (mean of R and K over the forget rows) of the target, the unlearned model and each attack."""
+    lines = ["| method | unlearned | " + " | ".join(f"after {name}" for name in attack_names) + " |",
+             "|" + "---|" * (len(attack_names) + 2)]
+    for method in grouped:
+        figures = attacks.get(method)
+        if not figures:
+            continue
+        unlearned = (figures.get("unlearned-forget-set") or {}).get("overall", {}).get("mean")
+        after = " | ".join(_fmt(attack_figure(attacks, method, name, "forget-set")) for name in attack_names)
+        lines.append(f"| {method} | {_fmt(unlearned)} | {after} |")
+    return "\n".join(lines)
+
+
+def choice_table(choices: dict[str, dict]) -> str:
+    lines = ["| method | loss terms | weights | step | validation HM12 | validation MIA score | validation final | "
+             "collapsed |", "|---|---|---|---|---|---|---|---|"]
+    for method, choice in choices.items():
+        for row in choice["table"]:
+            chosen = (row["loss_terms"], row["weights"], row["step"]) == (choice["loss_terms"], choice["weights"],
+                                                                           choice["step"])
+            mark = "**" if chosen else ""
+            lines.append(f"| {mark}{method}{mark} | {'+'.join(row['loss_terms'])} | {json.dumps(row['weights'])} "
+                         f"| {row['step']} | {_fmt(row['hm12'])} "
+                         f"| {_fmt(row['mia_score'])} | {mark}{_fmt(row['final'])}{mark} | {row['collapsed']} |")
     return "\n".join(lines)
 
 
@@ -215,21 +254,28 @@ def plot_tradeoff(path: str, before: dict, grouped: dict[str, list[dict]]) -> No
     plt.close(figure)
 
 
-def write_summary(output: str, before: dict, records: Sequence[dict], run_info: dict) -> dict:
-    """`summary.md`, `summary.json` and `tradeoff.png` in `output`; returns the summary dict."""
+def write_summary(output: str, before: dict, records: Sequence[dict], attack_records: Sequence[dict],
+                  run_info: dict) -> dict:
+    """`summary.md`, `summary.json` and `tradeoff.png` in `output`; returns the summary dict. The recommended
+    method's runs appear twice: under their own name and as the `Recommended` row."""
     grouped = by_method(records)
+    recommended = run_info["recommended"]["method"]
+    grouped[f"Recommended (= {recommended})"] = grouped[recommended]
+    attacks = {record["method"]: record["attacks"] for record in attack_records}
+    if recommended in attacks:
+        attacks[f"Recommended (= {recommended})"] = attacks[recommended]
+    attack_names = run_info["preset_settings"]["attacks"]
     run_info = {**run_info, "job_wall_seconds_total": round(sum(record["wall_seconds"] for record in records), 1)}
-    comparison = qa_rouge_comparison(grouped)
-    summary = {"run": run_info, "before": before, "qa_rouge_comparison": comparison,
-               "methods": {method: [run["curve"] for run in runs] for method, runs in grouped.items()}}
-    plot_tradeoff(os.path.join(output, "tradeoff.png"), before, grouped)
-    tuning = "\n".join(f"| {json.dumps(row['weights'])} | {_fmt(row['hm12'])} |" for row in run_info["tuning"])
+    comparison = qa_rouge_comparison({name: runs for name, runs in grouped.items() if not name.startswith("Recomm")})
+    summary = {"run": run_info, "before": {k: v for k, v in before.items() if k != "rows"},
+               "qa_rouge_comparison": comparison,
+               "methods": {method: [run["curve"] for run in runs] for method, runs in grouped.items()},
+               "attacks": attacks}
+    plot_tradeoff(os.path.join(output, "tradeoff.png"), before,
+                  {name: runs for name, runs in grouped.items() if not name.startswith("Recomm")})
+    report = run_info["target_report"]
+    target_lines = "\n".join(f"| {name} | {_fmt(value)} |" for name, value in report.items())
     gaps = "\n".join(f"| {method} | {_fmt(gap)} |" for method, gap in comparison["qa_rougeL_gap"].items())
-    percent = lambda value: "n/a" if value is None else f"{100 * value:+.0f}%"  # noqa: E731
-    relative = "\n".join(
-        f"| {method} | {percent(value)} | {percent(comparison['gnm_relative_to_best_baseline'][method])} |"
-        for method, value in comparison["gnm_relative_to_baselines"].items()
-    )
     negatives = "\n".join(
         f"- {name}: {stats['rows']} rows"
         + (f", {100 * stats['fallback_share']:.0f}% fell back to the perturb backend" if name.startswith("llm") else "")
@@ -238,9 +284,20 @@ def write_summary(output: str, before: dict, records: Sequence[dict], run_info: 
         + " -> ".join(json.dumps(level[:80]) for level in stats["example"]["levels"])
         for name, stats in run_info["negatives"].items()
     )
-    markdown = f"""## Final figures (mean ± sd over seeds {sorted({r['seed'] for r in records})})
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run_info["stage_seconds"].items())
+    markdown = f"""## Target (before unlearning): mean token NLL
 
-{main_table(before, grouped)}
+| documents | NLL |
+|---|---|
+{target_lines}
+
+## Final figures (mean ± sd over seeds {sorted({r['seed'] for r in records})}, at the step chosen on validation)
+
+{main_table(before, grouped, attacks, attack_names)}
+
+## Attacks: forget score (mean of R and K over the forget rows; the target's: {_fmt(1 - before['forgetting'])})
+
+{attack_table(before, grouped, attacks, attack_names)}
 
 ## Per task (columns: F/R = forget (↓) / retain (↑) set, 1–3 = task, R = regurgitation, K = knowledge)
 
@@ -256,24 +313,19 @@ def write_summary(output: str, before: dict, records: Sequence[dict], run_info: 
 |---|---|
 {gaps}
 
-| GNM variant | relative to the mean gap of the non-GNM methods | relative to the best non-GNM method ({comparison['best_baseline']}) |
-|---|---|---|
-{relative}
-
 ## Negatives
 
 {negatives}
 
-## Validation grid for "GNM (tuned on validation)" (HM12 on the validation rows)
+## Chosen on validation (weights and steps; the chosen point in bold)
 
-| weights | validation HM12 |
-|---|---|
-{tuning}
+{choice_table(run_info['choices'])}
 
-Chosen: {json.dumps(run_info['tuned_weights'])}
+Recommended: {recommended} ({'+'.join(run_info['recommended']['loss_terms'])}, \
+{json.dumps(run_info['recommended']['weights'])}, {run_info['recommended']['step']} steps).
 
 Command: `{run_info['command']}`; this invocation ran {run_info['jobs_run']} of {run_info['jobs_total']} jobs \
-(the others came from cache) in {run_info['wall_seconds']:.0f} s wall ({run_info['workers']} worker(s) x \
+(the others came from cache) in {run_info['wall_seconds']:.0f} s wall ({stages}; {run_info['workers']} worker(s) x \
 {run_info['threads_per_worker']} thread(s), {run_info['cpu_count']} cores, GPU: {run_info['gpu'] or 'none'}); \
 the comparison jobs' own times add up to {run_info['job_wall_seconds_total']:.0f} s.
 """

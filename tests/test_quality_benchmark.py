@@ -23,7 +23,8 @@ def test_lume_subset_keeps_documents_whole(tmp_path):
     from gnm_trainer.target import document_key
 
     data = make_synthetic_lume(seed=0)
-    subset = quality.lume_subset(data, {"train": {"Task1": 1, "Task2": 2, "Task3": 1}, "validation": None})
+    subset = quality.lume_subset(data, {"train": {"Task1": 1, "Task2": 2, "Task3": 1}, "validation": None},
+                                 heldout_per_task=1)
     for key in ("forget_train", "retain_train"):
         documents = {}
         for row in subset[key]:
@@ -35,17 +36,40 @@ def test_lume_subset_keeps_documents_whole(tmp_path):
     assert subset["forget_validation"] == data["forget_validation"]  # None keeps the whole partition
     forget_documents = {document_key(row["id"]) for row in subset["forget_train"]}
     assert {row["id"] for row in subset["mia_member"]} <= forget_documents
+    # Every document left out is pretraining text or held out (one per task), never both, never a kept one.
+    kept = {document_key(row["id"]) for key in quality_splits() for row in subset[key]}
+    every = {document_key(row["id"]) for key in quality_splits() for row in data[key]}
+    pretraining, heldout = ({row["id"] for row in subset[key]} for key in ("pretraining", "heldout"))
+    assert pretraining | heldout == every - kept and not pretraining & heldout
+    assert sorted(row["task"] for row in subset["heldout"]) == ["Task1", "Task2", "Task3"]
+    some = subset["pretraining"][0]
+    rows = [row for key in quality_splits() for row in data[key] if document_key(row["id"]) == some["id"]]
+    assert all(row["input"] + " " + row["output"] in some["document"] for row in rows)
 
 
-def test_choose_weights_reads_validation_only():
+def quality_splits():
+    return ("forget_train", "retain_train", "forget_validation", "retain_validation")
+
+
+def test_each_method_stops_where_validation_scores_best():
+    point = lambda step, final, collapsed=False: {"step": step, "hm12": final, "mia_score": final,  # noqa: E731
+                                                  "final_no_mmlu": final, "collapsed": collapsed}
     records = [
-        {"weights": {"ga": 0.5, "gnm": 0.04}, "curve": [{"step": 2, "hm12": 0.3}]},
-        {"weights": {"ga": 1.0, "gnm": 0.2}, "curve": [{"step": 1, "hm12": 0.9}, {"step": 2, "hm12": 0.6}]},
-        {"weights": {"ga": 0.25, "gnm": 1.0}, "curve": [{"step": 2, "hm12": 0.6}]},
+        {"loss_terms": ["ga"], "weights": {"ga": 0.5}, "curve": [point(2, 0.4), point(4, 0.9, collapsed=True)]},
+        {"loss_terms": ["ga", "gd"], "weights": {"ga": 1.0}, "curve": [point(2, 0.6), point(4, 0.6)]},
     ]
-    weights, table = quality.choose_weights(records)
-    assert weights == (("ga", 1.0), ("gnm", 0.2))  # the final point counts; ties go to the earlier grid point
-    assert [row["hm12"] for row in table] == [0.3, 0.6, 0.6]
+    choice = quality.choose_on_validation(records)
+    assert (choice["loss_terms"], choice["weights"], choice["step"]) == (["ga", "gd"], {"ga": 1.0}, 2)  # ties: fewer
+    assert len(choice["table"]) == 4  # a collapsed point is never chosen, but it is reported
+
+
+def test_methods_option_selects_a_subset_by_name_or_slug():
+    preset = quality.PRESETS["cpu"]
+    chosen = quality.select_methods("ga, SimNPO+GD,gnm-paper", preset)
+    assert [method.name for method in chosen] == ["GA", "SimNPO+GD", "GNM (paper)"]
+    assert len(quality.select_methods(None, preset)) == len(preset.methods)
+    with pytest.raises(SystemExit, match="unknown.*'nope'"):
+        quality.select_methods("ga,nope", preset)
 
 
 def test_gibberish_and_qa_comparison():
@@ -65,26 +89,36 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     command = ["--preset", "smoke", "--data", data, "--output", str(output), "--threads", "1"]
     summary = quality.main(command)
     preset = quality.PRESETS["smoke"]
-    assert set(summary["methods"]) == set(preset.methods)
-    for curves in summary["methods"].values():
+    recommended = summary["run"]["recommended"]["method"]
+    assert set(summary["methods"]) == set(preset.methods) | {f"Recommended (= {recommended})"}
+    for name, curves in summary["methods"].items():
         assert len(curves) == len(preset.seeds)
+        choice = summary["run"]["choices"][recommended if name.startswith("Recommended") else name]
         for curve in curves:
-            assert [point["step"] for point in curve] == [2, 4]
+            assert curve[-1]["step"] == choice["step"]  # stopped where validation said
             final = curve[-1]
             for key in ("hm12", "mia_auc", "mia_score", "final_no_mmlu", "qa_rougeL_forget", "qa_rougeL_retain",
                         "heldout_nll", "gibberish_retain", "collapsed", "forget_Task2_K", "retain_Task2_R"):
                 assert final[key] is not None, key
-    grid = [tuple(sorted(row["weights"].items())) for row in summary["run"]["tuning"]]
-    assert grid == [tuple(sorted(point)) for point in preset.tuning_grid]
-    assert tuple(sorted(summary["run"]["tuned_weights"].items())) in grid
-    for name in ("summary.md", "summary.json", "tradeoff.png", "before.json", "negatives/llm_train.jsonl"):
+    tuned = summary["run"]["choices"]["GNM (tuned on validation)"]
+    assert {(tuple(row["loss_terms"]), json.dumps(row["weights"], sort_keys=True)) for row in tuned["table"]} == {
+        (variant.loss_terms, json.dumps(dict(variant.weights), sort_keys=True))
+        for variant in quality.GNM_GRID[: preset.grid_points]}
+    for method in preset.methods:  # every method's seed-0 adapter was attacked, each attack with its figures
+        for attack in preset.attacks:
+            assert summary["attacks"][method][attack]["forget-set"]["overall"]["mean"] is not None
+    report = summary["run"]["target_report"]
+    assert report["nonmember_nll"] < report["uniform_nll"] and report["heldout_Task2_nll"] is not None
+    assert summary["run"]["target"]["pretraining"]["documents"] > 0
+    for name in ("summary.md", "summary.json", "tradeoff.png", "before.json", "negatives/perturb_validation.jsonl"):
         assert (output / name).is_file(), name
-    assert "| GNM (paper) |" in (output / "summary.md").read_text()
+    markdown = (output / "summary.md").read_text()
+    assert "| GNM (paper) |" in markdown and "quant8 recovery" in markdown and f"Recommended (= {recommended})" in markdown
     assert json.loads((output / "summary.json").read_text())["run"]["preset"] == "smoke"
 
-    runs = sorted((output / "runs").iterdir())
+    runs = sorted((output / "runs").iterdir()) + sorted((output / "attacks").iterdir())
     stamps = [path.stat().st_mtime_ns for path in runs]
     capsys.readouterr()
     quality.main(command)
-    assert "0 to run" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("0 to run") == 3  # validation, comparison and attacks all from cache
     assert [path.stat().st_mtime_ns for path in runs] == stamps  # nothing re-ran
