@@ -275,3 +275,22 @@ def test_pretraining_on_a_benchmark_document_is_refused(tmp_path):
         make_target({**data, "pretraining": [*pretraining_rows(1), {"id": taken, "document": "text"}]},
                     str(tmp_path / "t"), **TINY)
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_replay_keeps_training_on_pretraining_text_while_memorising(tmp_path):
+    """Fine-tuning mixes pretraining blocks into every epoch: the target ends closer to that text than without."""
+    from gnm_trainer.evaluation.generation import document_nll
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = make_synthetic_lume(seed=0, num_documents=2, num_validation_documents=0)
+    documents = pretraining_rows()
+    settings = {**TINY, "pretraining_epochs": 1, "epochs": 3, "max_epochs": 3}
+    nll = {}
+    for replay in (0.0, 1.0):
+        output = make_target({**data, "pretraining": documents}, str(tmp_path / f"r{replay}"),
+                             **settings, pretraining_replay=replay)
+        assert read_target_info(output)["pretraining"]["replay_per_example"] == replay
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(output), AutoTokenizer.from_pretrained(output)
+        values = document_nll(model.eval(), tokenizer, [row["document"] for row in documents], batch_size=8)
+        nll[replay] = sum(values) / len(values)
+    assert nll[1.0] < nll[0.0]

@@ -15,12 +15,13 @@ from ..data.synthetic import write_lume_folder
 from ..errors import GNMInputError
 from ..io_utils import atomic_directory, atomic_write_json, check_output_folder
 from .config import (
-    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION, TARGET_INFO_FILE, TargetConfig,
+    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION, TARGET_INFO_FILE,
+    TargetConfig,
     default_target_dir,
 )
 from .data import load_target_data, select_documents
 from .tiny_model import build_tiny_llama, train_tokenizer
-from .training import pretrain, train_until_memorised
+from .training import pretrain, pretraining_blocks, train_until_memorised
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ def data_fingerprint(dataset: dict[str, list[dict]], config: TargetConfig) -> st
     """A hash of the rows and the training configuration: equal fingerprints mean an identical target."""
     # Not the budget: rounds are deterministic, so a memorised target does not depend on how many more were allowed.
     # Nor the pretraining epochs when there is nothing to pretrain on, so that earlier targets stay cached.
-    ignored = {"max_epochs"} | (set() if dataset.get(PRETRAINING_SPLIT) else {"pretraining_epochs"})
+    ignored = {"max_epochs"}
+    if not dataset.get(PRETRAINING_SPLIT):
+        ignored |= {"pretraining_epochs", "pretraining_replay"}
     settings = {name: value for name, value in asdict(config).items() if name not in ignored}
     payload = {"format": TARGET_FORMAT_VERSION, "data": dataset, "config": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -83,6 +86,7 @@ def make_target(
     batch_size: int = 8,
     max_length: int = 512,
     pretraining_epochs: int = 3,
+    pretraining_replay: float = 1.0,
     include_validation: bool = False,
     max_documents_per_split: int | None = None,
     tasks=None,
@@ -97,7 +101,8 @@ def make_target(
     The tokenizer is trained on every text of the data. When the data has a `pretraining` split (documents that
     are not benchmark rows), the model first reads it for `pretraining_epochs` epochs (causal LM on blocks of
     `max_length` tokens, one cosine cycle), to gain the general language ability a real pretrained model brings
-    to its fine-tuning; that split is not written into `data/`. The model is then fine-tuned with AdamW on the causal LM loss of
+    to its fine-tuning, and `pretraining_replay` blocks of it per memorised example are mixed into every epoch of
+    the fine-tuning, so that it keeps that ability; the split is not written into `data/`. The model is fine-tuned with AdamW on the causal LM loss of
     `input + " " + output` + eos for every train row of both splits, and on the MIA member documents when there
     are any, until greedy reproduction reaches the thresholds (ROUGE-L recall >= 0.95 on sc rows, exact match
     >= 0.9 on QA rows, forget and retain train): in rounds of `epochs` epochs (each a cosine cycle from
@@ -133,6 +138,7 @@ def make_target(
         batch_size=batch_size,
         max_length=max_length,
         pretraining_epochs=pretraining_epochs,
+        pretraining_replay=pretraining_replay,
         include_validation=include_validation,
         max_documents_per_split=max_documents_per_split,
         tasks=tuple(sorted(tasks)) if tasks else None,
@@ -159,8 +165,9 @@ def make_target(
         tokenizer, hidden_size, num_layers, num_heads, max_position_embeddings=max(1024, max_length + 256), seed=seed
     )
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pretraining = pretrain(model, tokenizer, dataset.get(PRETRAINING_SPLIT, []), config, progress)
-    history = train_until_memorised(model, tokenizer, dataset, config, progress)
+    blocks = pretraining_blocks(tokenizer, dataset.get(PRETRAINING_SPLIT, []), config.max_length)
+    pretraining = pretrain(model, tokenizer, blocks, len(dataset.get(PRETRAINING_SPLIT, [])), config, progress)
+    history = train_until_memorised(model, tokenizer, dataset, config, progress, replay=blocks)
     model.to("cpu")
     if not history["memorised"]:
         error = TargetNotMemorisedError(history, config, output_dir)

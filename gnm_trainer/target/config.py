@@ -42,6 +42,9 @@ class TargetConfig:
     batch_size: int = 8
     max_length: int = 512
     pretraining_epochs: int = 3  # epochs over the `pretraining` documents, when the data has any
+    # Pretraining blocks mixed into each memorisation epoch, per memorised example (replay), so that fine-tuning
+    # does not wipe out the general ability pretraining gave (without it held-out text ends above uniform NLL).
+    pretraining_replay: float = 1.0
     include_validation: bool = False
     max_documents_per_split: int | None = None
     tasks: tuple[str, ...] | None = None
@@ -56,6 +59,8 @@ class TargetConfig:
                 raise GNMInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.pretraining_epochs < 0:
             raise GNMInputError(f"pretraining_epochs must be 0 or more, got {self.pretraining_epochs}")
+        if not self.pretraining_replay >= 0 or self.pretraining_replay == float("inf"):
+            raise GNMInputError(f"pretraining_replay must be a finite number >= 0, got {self.pretraining_replay}")
         if self.hidden_size % self.num_heads:
             raise GNMInputError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
         if not self.learning_rate > 0 or self.learning_rate == float("inf"):  # a NaN fails `> 0`

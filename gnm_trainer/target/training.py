@@ -143,16 +143,17 @@ def run_epoch(model, optimizer, scheduler, examples, batches, pad_token_id: int,
     return total_loss / max(1, total_tokens)
 
 
-def pretrain(model, tokenizer, documents: list[dict], config: TargetConfig, progress: bool = True) -> dict | None:
-    """Causal LM training on `documents` (rows with `document`) for `config.pretraining_epochs` epochs, one warm-up
-    and cosine cycle from `config.learning_rate`: the general ability the target has before it memorises the
-    benchmark. Returns the figures (documents, blocks, tokens, epoch losses), or None when there is nothing to do."""
+def pretrain(model, tokenizer, blocks: list[TrainingExample], documents: int, config: TargetConfig,
+             progress: bool = True) -> dict | None:
+    """Causal LM training on the `blocks` of `documents` pretraining documents for `config.pretraining_epochs`
+    epochs, one warm-up and cosine cycle from `config.learning_rate`: the general ability the target has before it
+    memorises the benchmark. Returns the figures (documents, blocks, tokens, epoch losses), or None when there is
+    nothing to do."""
     import torch
     from tqdm.auto import tqdm
 
-    if not documents or config.pretraining_epochs == 0:
+    if not blocks or config.pretraining_epochs == 0:
         return None
-    blocks = pretraining_blocks(tokenizer, documents, config.max_length)
     lengths = [len(block.input_ids) for block in blocks]
     generator = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
@@ -163,25 +164,29 @@ def pretrain(model, tokenizer, documents: list[dict], config: TargetConfig, prog
         batches = length_grouped_batches(lengths, config.batch_size, generator)
         epoch_loss.append(round(run_epoch(model, optimizer, scheduler, blocks, batches, tokenizer.pad_token_id), 5))
         logger.info("make-target pretraining epoch %d: loss %.4f", epoch, epoch_loss[-1])
-    return {"documents": len(documents), "blocks": len(blocks), "tokens": sum(lengths),
-            "epochs": config.pretraining_epochs, "epoch_loss": epoch_loss}
+    return {"documents": documents, "blocks": len(blocks), "tokens": sum(lengths),
+            "epochs": config.pretraining_epochs, "replay_per_example": config.pretraining_replay,
+            "epoch_loss": epoch_loss}
 
 
-def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progress: bool = True) -> dict:
+def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progress: bool = True,
+                          replay: list[TrainingExample] = ()) -> dict:
     """Fine-tune `model` with AdamW on the full-sequence causal LM loss until greedy reproduction of the train rows
     of both splits passes the thresholds; returns the training history (`memorised` says whether it did).
 
     Training runs in rounds of `config.epochs` epochs, each a warm-up and cosine decay from the peak rate (a warm
     restart), with a greedy check whenever the teacher-forced proxy passes and at the end of every round, until
-    the target is memorised or `config.max_epochs` epochs have run."""
+    the target is memorised or `config.max_epochs` epochs have run. Every epoch also trains on
+    `config.pretraining_replay` blocks of `replay` per example, drawn anew each epoch (not checked for
+    memorisation)."""
     import torch
     from tqdm.auto import tqdm
 
     examples = training_examples(dataset, tokenizer, config)
-    lengths = [len(example.input_ids) for example in examples]
+    replayed = min(len(replay), round(config.pretraining_replay * len(examples))) if replay else 0
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    round_steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+    round_steps = config.epochs * math.ceil((len(examples) + replayed) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step % round_steps, round_steps)
     )
@@ -191,13 +196,20 @@ def train_until_memorised(model, tokenizer, dataset, config: TargetConfig, progr
     for epoch in bar:
         fractions = [0.0] * len(examples)
 
-        def record_fractions(batch_indices, logits, input_ids):
-            batch = [examples[i] for i in batch_indices]
-            for i, fraction in zip(batch_indices, reproduced_fraction(logits, input_ids, batch)):
-                fractions[i] = fraction
+        epoch_examples = list(examples)
+        if replayed:
+            epoch_examples += [replay[i] for i in torch.randperm(len(replay), generator=generator)[:replayed].tolist()]
 
+        def record_fractions(batch_indices, logits, input_ids):
+            batch = [epoch_examples[i] for i in batch_indices]
+            for i, fraction in zip(batch_indices, reproduced_fraction(logits, input_ids, batch)):
+                if i < len(examples):
+                    fractions[i] = fraction
+
+        lengths = [len(example.input_ids) for example in epoch_examples]
         batches = length_grouped_batches(lengths, config.batch_size, generator)
-        loss = run_epoch(model, optimizer, scheduler, examples, batches, tokenizer.pad_token_id, record_fractions)
+        loss = run_epoch(model, optimizer, scheduler, epoch_examples, batches, tokenizer.pad_token_id,
+                         record_fractions)
         proxy = proxy_memorisation(fractions, examples)
         history["epoch_loss"].append(round(loss, 5))
         bar.set_postfix(loss=f"{loss:.4f}", sc=f"{proxy['sc']:.2f}", qa=f"{proxy['qa']:.2f}")
