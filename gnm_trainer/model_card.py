@@ -43,6 +43,7 @@ TERM_MEANINGS = {
     "rm": "random matching: forget prompts trained towards random retain completions",
     "gnm": "gradual negative matching: forget prompts trained towards gradually wrong completions",
     "npo": "negative preference optimisation on the forget set",
+    "simnpo": "SimNPO: NPO on the forget completions' mean NLL, without a reference model",
 }
 SCHEDULE_MEANINGS = {
     "gradual": "level 1 (slightly wrong) in the first 1/K of training, up to level K (fully wrong) in the last 1/K",
@@ -66,7 +67,8 @@ RECIPE_FIELDS = (
     "seed",
 )
 PEFT_FIELDS = (
-    "peft_type", "r", "init_r", "target_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"
+    "peft_type", "r", "init_r", "target_r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
+    "use_rslora", "use_dora",
 )
 PEFT_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA"}
 # Command-line flags whose value must never reach a card.
@@ -135,8 +137,12 @@ def recipe_from_config(args) -> dict[str, Any]:
     recipe.update({f"{term}_weight": getattr(args, f"{term}_weight") for term in terms})
     if "npo" in terms:
         recipe["npo_beta"] = args.npo_beta
+    if "simnpo" in terms:
+        recipe["simnpo_beta"], recipe["simnpo_delta"] = args.simnpo_beta, args.simnpo_delta
     if "klf" in terms:
         recipe["klf_cap"] = args.klf_cap
+    if getattr(args, "forget_chunks", 1) > 1:
+        recipe["forget_chunks"], recipe["epochs_per_chunk"] = args.forget_chunks, args.epochs_per_chunk
     recipe.update({name: _plain(getattr(args, name)) for name in RECIPE_FIELDS if hasattr(args, name)})
     return recipe
 

@@ -301,3 +301,20 @@ def test_final_save_writes_our_card_not_peft_template(tiny_tokenizer, tmp_path, 
     assert "| `ga` |" in card.text and "| `klr` |" in card.text and "| `gnm` |" in card.text
     checkpoint_card = os.path.join(trainer.args.output_dir, "checkpoint-2", "README.md")
     assert not os.path.exists(checkpoint_card) or "gnm" not in read_card(os.path.dirname(checkpoint_card)).data.to_dict()
+
+
+def test_card_recipe_names_the_winners_settings(tmp_path):
+    """A SimNPO, chunked, layer-selective run: its card recipe holds everything needed to run it again."""
+    from peft import LoraConfig
+
+    from gnm_trainer import GNMConfig
+    from gnm_trainer.model_card import TERM_MEANINGS, peft_summary, recipe_from_config
+
+    args = GNMConfig(output_dir=str(tmp_path), loss_terms=["simnpo", "gd"], simnpo_beta=3.0, forget_chunks=4,
+                     epochs_per_chunk=2, report_to="none")
+    recipe = recipe_from_config(args)
+    assert (recipe["simnpo_beta"], recipe["simnpo_delta"], recipe["forget_chunks"], recipe["epochs_per_chunk"]) == (
+        3.0, 0.0, 4, 2)
+    assert "without a reference model" in TERM_MEANINGS["simnpo"]
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1])
+    assert peft_summary(lora)["layers_to_transform"] == [0, 1]
