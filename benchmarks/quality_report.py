@@ -139,17 +139,18 @@ def main_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, 
     return "\n".join(lines)
 
 
-def attack_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, dict], attack_names) -> str:
+def attack_table(grouped: dict[str, list[dict]], attacks: dict[str, dict], attack_names) -> str:
     """Forget score (mean of R and K over the forget rows) of the target, the unlearned model and each attack."""
-    lines = ["| method | unlearned | " + " | ".join(f"after {name}" for name in attack_names) + " |",
-             "|" + "---|" * (len(attack_names) + 2)]
+    lines = ["| method | target | unlearned | " + " | ".join(f"after {name}" for name in attack_names) + " |",
+             "|" + "---|" * (len(attack_names) + 3)]
     for method in grouped:
         figures = attacks.get(method)
         if not figures:
             continue
-        unlearned = (figures.get("unlearned-forget-set") or {}).get("overall", {}).get("mean")
+        target, unlearned = ((figures.get(key) or {}).get("overall", {}).get("mean")
+                             for key in ("target-forget-set", "unlearned-forget-set"))
         after = " | ".join(_fmt(attack_figure(attacks, method, name, "forget-set")) for name in attack_names)
-        lines.append(f"| {method} | {_fmt(unlearned)} | {after} |")
+        lines.append(f"| {method} | {_fmt(target)} | {_fmt(unlearned)} | {after} |")
     return "\n".join(lines)
 
 
@@ -267,7 +268,7 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
     attack_names = run_info["preset_settings"]["attacks"]
     run_info = {**run_info, "job_wall_seconds_total": round(sum(record["wall_seconds"] for record in records), 1)}
     comparison = qa_rouge_comparison({name: runs for name, runs in grouped.items() if not name.startswith("Recomm")})
-    summary = {"run": run_info, "before": {k: v for k, v in before.items() if k != "rows"},
+    summary = {"run": run_info, "before": {k: v for k, v in before.items() if k != "attack_rows"},
                "qa_rouge_comparison": comparison,
                "methods": {method: [run["curve"] for run in runs] for method, runs in grouped.items()},
                "attacks": attacks}
@@ -295,9 +296,9 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
 
 {main_table(before, grouped, attacks, attack_names)}
 
-## Attacks: forget score (mean of R and K over the forget rows; the target's: {_fmt(1 - before['forgetting'])})
+## Attacks: forget score (mean of R and K over the forget rows, {run_info['preset_settings']['attack_max_new_tokens']} new tokens; relearn: the held-out half)
 
-{attack_table(before, grouped, attacks, attack_names)}
+{attack_table(grouped, attacks, attack_names)}
 
 ## Per task (columns: F/R = forget (↓) / retain (↑) set, 1–3 = task, R = regurgitation, K = knowledge)
 
