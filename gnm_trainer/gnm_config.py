@@ -86,6 +86,11 @@ class GNMConfig(TrainingArguments):
             prompt side and is never trained on.
         add_eos_token (`bool`, defaults to `True`):
             Append the tokenizer's end-of-sequence token to every completion.
+        forget_completion_only_loss (`bool`, defaults to `True`):
+            The terms on the forget set (`ga`, `klf`, `npo`, `simnpo`) score its completion tokens only, as TRL's
+            `completion_only_loss`. `False` scores every token after the first, prompt included: the whole forget
+            document is unlearned, which is what a membership attack on whole documents measures. The terms that
+            pair forget prompts with other completions (`rm`, `gnm`) and the retain terms always score completions.
         forward_passes (`str`, defaults to `"auto"`):
             Padded training only (packed rows always take one pass): how the groups of sequences (forget, retain, random match, negatives) go through the model: `one` (all in
             one forward pass, padded to the longest), `per_group` (one pass per group, each padded to its own longest)
@@ -177,6 +182,11 @@ class GNMConfig(TrainingArguments):
         metadata={"help": "How prompt and completion are joined; must contain {prompt} then {completion}."},
     )
     add_eos_token: bool = field(default=True, metadata={"help": "Append EOS to every completion."})
+    forget_completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "The forget terms (ga, klf, npo, simnpo) score the completion only (TRL's "
+                  "completion_only_loss); False: every token of prompt and completion, to forget whole documents."},
+    )
     forward_passes: str = field(
         default="auto",
         metadata={

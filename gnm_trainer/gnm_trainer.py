@@ -214,6 +214,7 @@ class GNMTrainer(Trainer):
                 use_retain=bool({"gd", "klr"}.intersection(args.loss_terms)),
                 use_random_match="rm" in args.loss_terms,
                 use_negatives="gnm" in args.loss_terms,
+                forget_whole_text=not args.forget_completion_only_loss,
                 seed=data_order_seed(args),
             )
         if eval_dataset is not None:

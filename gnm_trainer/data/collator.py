@@ -173,7 +173,8 @@ class GNMDataCollator:
     """Builds, for a batch of forget examples, the sequences of every enabled loss term.
 
     Each forget feature (`id`, `pair_index`, `prompt_input_ids`, `completion_input_ids`) yields:
-    - `forget_*`: the forget prompt with its true completion (`ga`, `klf`, `npo`);
+    - `forget_*`: the forget prompt with its true completion (`ga`, `klf`, `npo`, `simnpo`), scored on the
+      completion, or on the whole text with `forget_whole_text`;
     - `retain_*`: a retain example paired with it (`gd`, `klr`);
     - `random_match_*`: the forget prompt with a random retain completion (`rm`);
     - `negative_*`: the forget prompt with each of its K gradual negatives, shaped (batch, K, length), looked up by the
@@ -192,6 +193,7 @@ class GNMDataCollator:
     use_retain: bool = False
     use_random_match: bool = False
     use_negatives: bool = False
+    forget_whole_text: bool = False  # the forget terms score every token after the first, prompt included
     seed: int = 0
     epoch: int = 0
     _permutations: dict = field(default_factory=dict, init=False, repr=False)
@@ -218,12 +220,12 @@ class GNMDataCollator:
     def _join(self, prompt_ids, completion_ids):
         return join_prompt_completion(prompt_ids, completion_ids, self.max_length, self.max_prompt_length)
 
+    def _forget_sequence(self, feature) -> tuple[list[int], list[int]]:
+        ids, mask = self._join(feature["prompt_input_ids"], feature["completion_input_ids"])
+        return (ids, [0] + [1] * (len(ids) - 1)) if self.forget_whole_text else (ids, mask)
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = pad_group(
-            "forget",
-            [self._join(f["prompt_input_ids"], f["completion_input_ids"]) for f in features],
-            self.pad_token_id,
-        )
+        batch = pad_group("forget", [self._forget_sequence(f) for f in features], self.pad_token_id)
         if self.use_retain:
             retained = [self.retain_examples[self.paired_retain_index(f["pair_index"], 0)] for f in features]
             batch.update(
