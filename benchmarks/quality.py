@@ -521,17 +521,36 @@ def validation_jobs(preset: Preset, methods: list[Method]) -> list[Job]:
     return jobs
 
 
-def choose_on_validation(records: list[dict]) -> dict:
+RETAIN_SHARE = 0.9  # a choice keeps at least this share of the target's retain knowledge on validation
+
+
+def retain_knowledge(point: dict) -> float:
+    """Mean knowledge (exact match) over tasks on the retain set."""
+    values = [point[key] for key in ("retain_Task1_K", "retain_Task2_K", "retain_Task3_K") if point.get(key) is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
+def choose_on_validation(records: list[dict], target_retain_knowledge: float = 1.0) -> dict:
     """A method's variant (loss terms, weights) and number of steps: the evaluated point with the best validation
-    final score (HM12 and MIA score) that did not collapse; ties go to fewer steps, then the earlier variant. With
-    the table of every point."""
+    final score (HM12 and MIA score) among those that did not collapse and keep `RETAIN_SHARE` of the target's
+    retain knowledge (`eligible`; else the best that did not collapse, else the best); ties go to fewer steps,
+    then the earlier variant. With the table of every point."""
+    floor = RETAIN_SHARE * target_retain_knowledge
     table = [{"loss_terms": record["loss_terms"], "weights": record["weights"], "step": point["step"],
               "hm12": point["hm12"], "mia_score": point["mia_score"], "final": point["final_no_mmlu"],
-              "collapsed": point["collapsed"]}
+              "retain_knowledge": retain_knowledge(point), "collapsed": point["collapsed"],
+              "eligible": not point["collapsed"] and retain_knowledge(point) >= floor}
              for record in records for point in record["curve"]]
-    usable = [i for i, row in enumerate(table) if not row["collapsed"]] or list(range(len(table)))
+    usable = ([i for i, row in enumerate(table) if row["eligible"]]
+              or [i for i, row in enumerate(table) if not row["collapsed"]] or list(range(len(table))))
     best = max(usable, key=lambda i: (table[i]["final"], -table[i]["step"], -i))
     return {**table[best], "table": table}
+
+
+def recommend(choices: dict[str, dict]) -> str:
+    """The method whose validation choice scores best among the eligible ones (else among all)."""
+    eligible = [name for name, choice in choices.items() if choice["eligible"]] or list(choices)
+    return max(eligible, key=lambda name: choices[name]["final"])
 
 
 def chosen_variant(method: Method, choice: dict, preset: Preset) -> Method:
@@ -629,8 +648,9 @@ def evaluate_target(workspace: Workspace, preset: Preset, target_info: dict) -> 
     its language-ability report; cached by the target's fingerprint."""
     before_path = os.path.join(workspace.output, "before.json")
     before = read_json_file(before_path, "evaluation of the target") if os.path.isfile(before_path) else None
-    if before is not None and (before.get("fingerprint"), before.get("attack_max_new_tokens")) == (
-            target_info["fingerprint"], preset.attack_max_new_tokens):
+    if before is not None and "validation_retain_knowledge" in before and (
+            before.get("fingerprint"), before.get("attack_max_new_tokens")) == (target_info["fingerprint"],
+                                                                                 preset.attack_max_new_tokens):
         return before
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -644,8 +664,10 @@ def evaluate_target(workspace: Workspace, preset: Preset, target_info: dict) -> 
     metrics, _ = measure_model(model, tokenizer, forget, retain, documents, preset)
     _, attack_rows = evaluate_model(model, tokenizer, forget, None, max_new_tokens=preset.attack_max_new_tokens,
                                     batch_size=preset.eval_batch_size, show_progress=False)
+    validation_forget, validation_retain = load_unlearning_splits(workspace.data_dir, "validation")
+    validation, _ = measure_model(model, tokenizer, validation_forget, validation_retain, None, preset)
     before = {"fingerprint": target_info["fingerprint"], "attack_max_new_tokens": preset.attack_max_new_tokens,
-              "step": 0, **metrics, "attack_rows": attack_rows,
+              "step": 0, **metrics, "attack_rows": attack_rows, "validation_retain_knowledge": retain_knowledge(validation),
               "target_report": target_report(model.eval(), tokenizer, workspace, documents, preset)}
     atomic_write_json(before_path, before)
     return before
@@ -690,7 +712,8 @@ def main(argv=None) -> dict:
 
     validation, ran_validation = run_jobs(validation_jobs(preset, methods), preset, workspace,
                                           target_info["fingerprint"], args.workers, threads)
-    choices = {method.name: choose_on_validation([r for r in validation if r["method"] == method.name])
+    choices = {method.name: choose_on_validation([r for r in validation if r["method"] == method.name],
+                                                 before["validation_retain_knowledge"])
                for method in methods}
     for name, choice in choices.items():
         print(f"[quality] {name}: chosen on validation {choice['weights']} at step {choice['step']} "
@@ -702,7 +725,7 @@ def main(argv=None) -> dict:
     attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["attack_rows"], args.workers, threads)
     stage_done("attacks")
 
-    recommended = max(choices, key=lambda name: choices[name]["final"])
+    recommended = recommend(choices)
     run_info = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "preset_settings": asdict(preset), "data": data_source,

@@ -156,7 +156,7 @@ def attack_table(grouped: dict[str, list[dict]], attacks: dict[str, dict], attac
 
 def choice_table(choices: dict[str, dict]) -> str:
     lines = ["| method | loss terms | weights | step | validation HM12 | validation MIA score | validation final | "
-             "collapsed |", "|---|---|---|---|---|---|---|---|"]
+             "retain K | eligible |", "|---|---|---|---|---|---|---|---|---|"]
     for method, choice in choices.items():
         for row in choice["table"]:
             chosen = (row["loss_terms"], row["weights"], row["step"]) == (choice["loss_terms"], choice["weights"],
@@ -164,7 +164,8 @@ def choice_table(choices: dict[str, dict]) -> str:
             mark = "**" if chosen else ""
             lines.append(f"| {mark}{method}{mark} | {'+'.join(row['loss_terms'])} | {json.dumps(row['weights'])} "
                          f"| {row['step']} | {_fmt(row['hm12'])} "
-                         f"| {_fmt(row['mia_score'])} | {mark}{_fmt(row['final'])}{mark} | {row['collapsed']} |")
+                         f"| {_fmt(row['mia_score'])} | {mark}{_fmt(row['final'])}{mark} | {_fmt(row['retain_knowledge'])} "
+                         f"| {'yes' if row['eligible'] else 'collapsed' if row['collapsed'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -322,7 +323,10 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
 
 {choice_table(run_info['choices'])}
 
-Recommended: {recommended} ({'+'.join(run_info['recommended']['loss_terms'])}, \
+A point is eligible when it did not collapse and keeps 90% of the target's retain knowledge on validation; each \
+method keeps its best eligible point (when it has none: its best point that did not collapse, else its best).
+
+Recommended (the best eligible choice): {recommended} ({'+'.join(run_info['recommended']['loss_terms'])}, \
 {json.dumps(run_info['recommended']['weights'])}, {run_info['recommended']['step']} steps).
 
 Command: `{run_info['command']}`; this invocation ran {run_info['jobs_run']} of {run_info['jobs_total']} jobs \

@@ -52,15 +52,22 @@ def quality_splits():
 
 
 def test_each_method_stops_where_validation_scores_best():
-    point = lambda step, final, collapsed=False: {"step": step, "hm12": final, "mia_score": final,  # noqa: E731
-                                                  "final_no_mmlu": final, "collapsed": collapsed}
+    def point(step, final, collapsed=False, knowledge=1.0):
+        return {"step": step, "hm12": final, "mia_score": final, "final_no_mmlu": final, "collapsed": collapsed,
+                **{f"retain_Task{task}_K": knowledge for task in (1, 2, 3)}}
+
     records = [
-        {"loss_terms": ["ga"], "weights": {"ga": 0.5}, "curve": [point(2, 0.4), point(4, 0.9, collapsed=True)]},
+        {"loss_terms": ["ga"], "weights": {"ga": 0.5},
+         "curve": [point(2, 0.4), point(4, 0.9, collapsed=True), point(6, 0.8, knowledge=0.85)]},
         {"loss_terms": ["ga", "gd"], "weights": {"ga": 1.0}, "curve": [point(2, 0.6), point(4, 0.6)]},
     ]
-    choice = quality.choose_on_validation(records)
+    choice = quality.choose_on_validation(records, target_retain_knowledge=1.0)
     assert (choice["loss_terms"], choice["weights"], choice["step"]) == (["ga", "gd"], {"ga": 1.0}, 2)  # ties: fewer
-    assert len(choice["table"]) == 4  # a collapsed point is never chosen, but it is reported
+    assert len(choice["table"]) == 5  # collapsed points and those below 0.9x the retain knowledge are reported
+    assert quality.choose_on_validation(records, target_retain_knowledge=0.9)["step"] == 6  # 0.85 >= 0.81
+    only_collapsed = quality.choose_on_validation([{**records[0], "curve": [point(2, 0.9, collapsed=True)]}])
+    assert not only_collapsed["eligible"]
+    assert quality.recommend({"A": only_collapsed, "B": choice}) == "B"  # a better but ineligible method is not
 
 
 def test_methods_option_selects_a_subset_by_name_or_slug():
