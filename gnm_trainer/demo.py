@@ -3,7 +3,8 @@
 Everything runs offline on CPU: the target is the tiny Llama that `make_target` trains (and caches) to memorise the
 synthetic LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small
 to write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
-the paper's loss recipe (`ga` 0.5, `klr` 5, `gnm` 0.04) with LoRA on all linear layers. Last, the attacks of
+the recommended loss recipe (`gnm_trainer.recipes.RECOMMENDED`: `npo` 1, `gd` 5, `gnm` 1; `recipe="paper"` takes the
+paper's `ga` 0.5, `klr` 5, `gnm` 0.04) with LoRA on all linear layers. Last, the attacks of
 `evaluation.attacks` (8-/4-bit quantisation, relearning on half the forget documents) measure how much of what was
 removed comes back, against the target's scores from step 2.
 """
@@ -23,6 +24,7 @@ class DemoSettings:
     output_dir: str = "gnm-demo"
     target_dir: str | None = None  # None: the shared cache (see gnm_trainer.target.default_target_dir)
     seed: int = 0
+    recipe: str = "recommended"  # a name of gnm_trainer.recipes.RECIPES: "recommended" or "paper"
     negatives_backend: str = "perturb"
     negative_levels: int = 4
     max_steps: int = 90
@@ -44,7 +46,11 @@ class DemoSettings:
         from .errors import GNMInputError
         from .negatives.schema import require_levels
 
+        from .recipes import RECIPES
+
         require_levels(self.negative_levels)
+        if self.recipe not in RECIPES:
+            raise GNMInputError(f"recipe: {self.recipe!r}; expected one of {sorted(RECIPES)}")
         for name in ("max_steps", "per_device_train_batch_size", "lora_r", "max_new_tokens", "eval_batch_size",
                      "attack_max_new_tokens"):
             if getattr(self, name) < 1:
@@ -82,6 +88,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
     from .gnm_trainer import GNMTrainer
+    from .recipes import RECIPES, describe
     from .negatives import build_negatives
     from .target import default_target_dir, make_target
 
@@ -124,10 +131,11 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     )
     _done(start)
 
-    start = _step("4/6 unlearning with GNM (paper's recipe: ga 0.5 + klr 5 + gnm 0.04, LoRA on all linear layers)")
+    recipe = RECIPES[settings.recipe]
+    start = _step(f"4/6 unlearning with GNM ({settings.recipe} recipe: {describe(recipe)}, LoRA on all linear layers)")
     args = GNMConfig(
         output_dir=os.path.join(output_dir, "model"),
-        loss_terms=["ga", "klr", "gnm"],
+        **recipe,
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.per_device_train_batch_size,
         learning_rate=settings.learning_rate,

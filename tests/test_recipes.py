@@ -24,6 +24,8 @@ def test_the_expected_recipes_exist():
         for variant in ("gnm_adalora", "gnm_adalora_paper_template", "gnm_lora", "ga", "ga_gd", "ga_klr", "npo_gd"):
             assert f"{model}/semeval25/config_{variant}.yaml" in names
     assert "tiny/embedded/config_gnm_lora.yaml" in names
+    for folder in ("olmo-7b/semeval25", "olmo-1b/semeval25", "tiny/embedded"):
+        assert f"{folder}/config_recommended.yaml" in names
     assert len(COMMAND_RECIPES) == 6
 
 
@@ -129,3 +131,23 @@ def test_the_tiny_recipe_runs_as_documented(tmp_path, monkeypatch):
     assert os.path.isfile("runs/tiny/gnm-lora/adapter_config.json")
     results = json.loads(open("runs/tiny/evaluation/evaluation_results.json").read())
     assert 0.0 <= results["harmonic-mean-task-aggregate"] <= 1.0 and "mia_loss_acc" in results
+
+
+@pytest.mark.parametrize("folder", ["olmo-7b/semeval25", "olmo-1b/semeval25", "tiny/embedded"])
+def test_every_recommended_recipe_is_the_recommended_loss(folder):
+    """One recommended loss (gnm_trainer.recipes.RECOMMENDED, chosen on validation by the quality benchmark): each
+    model's config_recommended.yaml and `gnm demo` train it."""
+    from gnm_trainer.demo import DemoSettings
+    from gnm_trainer.recipes import RECIPES, RECOMMENDED
+
+    _, args, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", folder, "config_recommended.yaml"),
+                                  "--bf16", "false"])
+    assert {key: getattr(args, key) for key in RECOMMENDED} == RECOMMENDED
+    assert RECIPES[DemoSettings().recipe] is RECOMMENDED
+
+
+@pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
+def test_the_recommended_olmo_recipes_keep_the_best_validation_step(model):
+    script_args, _, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", model, "semeval25",
+                                                                  "config_recommended.yaml"), "--bf16", "false"])
+    assert script_args.eval_on_validation_steps == 100 and script_args.validation_partition == "validation"

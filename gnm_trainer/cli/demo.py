@@ -6,6 +6,7 @@ EXAMPLES = """examples:
   gnm demo                              # everything, into ./gnm-demo
   gnm demo --output_dir /tmp/demo --max_steps 100
   gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
+  gnm demo --recipe paper               # the paper's loss (ga 0.5 + klr 5 + gnm 0.04) instead of the recommended
 
 It prints a before/after table and the attacks' figures (quantisation and relearning: how much of what was
 removed comes back) and writes report.md, plot.png, attacks.png, results_before.json, results_after.json,
@@ -28,6 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--output_dir", default=defaults.output_dir, help="where everything is written (default: %(default)s)")
     parser.add_argument("--target_dir", default=None, help="where the target is cached (default: the user cache)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--recipe", choices=["recommended", "paper"], default=defaults.recipe,
+                        help="the loss: the recommended recipe (docs/results.md) or the paper's (default: %(default)s)")
     parser.add_argument("--negatives_backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
     parser.add_argument("--negative_levels", type=int, default=defaults.negative_levels)
     parser.add_argument("--max_steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
@@ -46,6 +49,7 @@ def run(args) -> int:
             output_dir=args.output_dir,
             target_dir=args.target_dir,
             seed=args.seed,
+            recipe=args.recipe,
             negatives_backend=args.negatives_backend,
             negative_levels=args.negative_levels,
             max_steps=args.max_steps,
