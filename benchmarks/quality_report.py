@@ -231,14 +231,15 @@ def plot_tradeoff(path: str, before: dict, grouped: dict[str, list[dict]]) -> No
     figure, axis = plt.subplots(figsize=(7.5, 5.5))
     axis.scatter([before["forgetting"]], [before["retention"]], marker="*", s=160, color="black", label="target",
                  zorder=3)
-    for method, runs in grouped.items():
+    colours = plt.get_cmap("tab20")  # more methods than the default cycle's 10 colours
+    for index, (method, runs) in enumerate(grouped.items()):
         steps = sorted({point["step"] for run in runs for point in run["curve"]})
         xs, ys = [before["forgetting"]], [before["retention"]]
         for step in steps:
             points = [point for run in runs for point in run["curve"] if point["step"] == step]
             xs.append(mean_sd([p["forgetting"] for p in points])[0])
             ys.append(mean_sd([p["retention"] for p in points])[0])
-        line = axis.plot(xs, ys, marker="o", markersize=3, label=method)[0]
+        line = axis.plot(xs, ys, marker="o", markersize=3, label=method, color=colours(index % 20))[0]
         finals = [run["curve"][-1] for run in runs]
         (x, x_sd), (y, y_sd) = mean_sd([f["forgetting"] for f in finals]), mean_sd([f["retention"] for f in finals])
         axis.errorbar([x], [y], xerr=[x_sd], yerr=[y_sd], color=line.get_color(), capsize=3, marker="s")

@@ -4,7 +4,8 @@
 --preset cpu`, docs/results.md): among every method it compares, SemEval-2025's winners included, the choice that did
 not collapse and kept 90% of the target's retain knowledge with the best validation final score. It is GNM's
 gradual negatives added to NPO and gradient descent on the retain set, at a `gnm` weight 25 times the paper's. The
-recipes `recipes/*/*/config_recommended.yaml` and `gnm demo` use it; a test keeps them equal to this dict.
+recipes `recipes/*/*/config_recommended.yaml` and `gnm demo --recipe recommended` use it; a test keeps them equal to
+this dict.
 """
 
 PAPER = {"loss_terms": ["ga", "klr", "gnm"], "ga_weight": 0.5, "klr_weight": 5.0, "gnm_weight": 0.04}

@@ -136,14 +136,14 @@ def test_the_tiny_recipe_runs_as_documented(tmp_path, monkeypatch):
 @pytest.mark.parametrize("folder", ["olmo-7b/semeval25", "olmo-1b/semeval25", "tiny/embedded"])
 def test_every_recommended_recipe_is_the_recommended_loss(folder):
     """One recommended loss (gnm_trainer.recipes.RECOMMENDED, chosen on validation by the quality benchmark): each
-    model's config_recommended.yaml and `gnm demo` train it."""
+    model's config_recommended.yaml and `gnm demo --recipe recommended` train it."""
     from gnm_trainer.demo import DemoSettings
     from gnm_trainer.recipes import RECIPES, RECOMMENDED
 
     _, args, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", folder, "config_recommended.yaml"),
                                   "--bf16", "false"])
     assert {key: getattr(args, key) for key in RECOMMENDED} == RECOMMENDED
-    assert RECIPES[DemoSettings().recipe] is RECOMMENDED
+    assert RECIPES[DemoSettings(recipe="recommended").recipe] is RECOMMENDED
 
 
 @pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])

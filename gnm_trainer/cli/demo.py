@@ -6,7 +6,7 @@ EXAMPLES = """examples:
   gnm demo                              # everything, into ./gnm-demo
   gnm demo --output_dir /tmp/demo --max_steps 100
   gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
-  gnm demo --recipe paper               # the paper's loss (ga 0.5 + klr 5 + gnm 0.04) instead of the recommended
+  gnm demo --recipe recommended         # the recommended loss (npo 1 + gd 5 + gnm 1) instead of the paper's
 
 It prints a before/after table and the attacks' figures (quantisation and relearning: how much of what was
 removed comes back) and writes report.md, plot.png, attacks.png, results_before.json, results_after.json,
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--target_dir", default=None, help="where the target is cached (default: the user cache)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--recipe", choices=["recommended", "paper"], default=defaults.recipe,
-                        help="the loss: the recommended recipe (docs/results.md) or the paper's (default: %(default)s)")
+                        help="the loss: the paper's or the recommended recipe (docs/results.md) (default: %(default)s)")
     parser.add_argument("--negatives_backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
     parser.add_argument("--negative_levels", type=int, default=defaults.negative_levels)
     parser.add_argument("--max_steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
