@@ -184,8 +184,7 @@ class GNMConfig(TrainingArguments):
     add_eos_token: bool = field(default=True, metadata={"help": "Append EOS to every completion."})
     forget_completion_only_loss: bool = field(
         default=True,
-        metadata={"help": "The forget terms (ga, klf, npo, simnpo) score the completion only (TRL's "
-                  "completion_only_loss); False: every token of prompt and completion, to forget whole documents."},
+        metadata={"help": "Forget terms on completions only; False: on the whole forget text."},
     )
     forward_passes: str = field(
         default="auto",

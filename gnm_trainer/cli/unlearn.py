@@ -70,14 +70,13 @@ class UnlearnScriptArguments:
     validation_mia_nonmembers: str | None = field(
         default=None,
         metadata={
-            "help": "MIA non-member documents for the validation objective: a file or a folder holding "
-            "nonmember.jsonl (e.g. LUME's mia/nonmember.jsonl); members are the validation forget set's sentence-"
-            "completion rows. None: the objective has no MIA part."
+            "help": "MIA non-members on validation: a file or a folder with nonmember.jsonl (members: the "
+            "validation forget sc rows). None: no MIA part."
         },
     )
     validation_objective: str = field(
         default="aggregate-score",
-        metadata={"help": "The validation result to maximise (a key of `gnm evaluate`'s results, nested with '/')."},
+        metadata={"help": "Validation result to maximise (a `gnm evaluate` key)."},
     )
     validation_max_new_tokens: int = field(default=256, metadata={"help": "Generation length on validation."})
     validation_batch_size: int = field(default=16, metadata={"help": "Batch size of the validation evaluation."})
