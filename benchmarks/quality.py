@@ -22,7 +22,7 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
    uses. Each method keeps the weights and the step with the best validation final score (HM12 and MIA score)
    among the points that did not collapse. The train rows are never looked at. "Recommended" is the method whose
    choice scored best.
-5. Comparison: every method x seed unlearns the train forget set for its chosen number of steps (LoRA, same
+5. Comparison: every method x seed unlearns the train forget set for its chosen number of epochs (LoRA, same
    optimiser and constant learning rate for all, so that the state at step s is what a run of s steps ends with;
    collapse guard off so that a collapse shows), evaluated at the end (seed 0 also every `eval_every` steps).
    Every method trains on GNMConfig's default text, prompt and completion joined by one space, the raw prompts the
@@ -559,14 +559,24 @@ def chosen_variant(method: Method, choice: dict, preset: Preset) -> Method:
                 if variant_key(variant.loss_terms, variant.weights) == key)
 
 
-def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict]) -> list[Job]:
+def in_train_steps(validation_steps: int, rows: dict[str, int]) -> int:
+    """The train run's length for a choice made after `validation_steps` on validation: the same number of epochs
+    of the forget set (a fixed number of steps is more epochs of the smaller validation set and under-trains on
+    train: the run of docs/results.md chose 84 steps, 8 epochs of 82 validation rows but 3 of 224 train rows)."""
+    return max(1, round(validation_steps * rows["forget_train"] / rows["forget_validation"]))
+
+
+def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], rows: dict[str, int]) -> list[Job]:
+    """Every method x seed on the train rows, as many epochs as its choice on validation; seeds in `curve_seeds`
+    evaluated at the train steps of the validation evaluations too."""
     jobs = []
     for method in methods:
         choice = choices[method.name]
         variant = chosen_variant(method, choice, preset)
+        steps = in_train_steps(choice["step"], rows)
         for seed in preset.seeds:
-            eval_every = preset.eval_every if seed in preset.curve_seeds else choice["step"]
-            jobs.append(Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", choice["step"], eval_every,
+            eval_every = in_train_steps(preset.eval_every, rows) if seed in preset.curve_seeds else steps
+            jobs.append(Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", steps, eval_every,
                             save_adapter=seed in preset.attack_seeds))
     return jobs
 
@@ -719,7 +729,7 @@ def main(argv=None) -> dict:
         print(f"[quality] {name}: chosen on validation {choice['weights']} at step {choice['step']} "
               f"(validation final {choice['final']:.3f})", flush=True)
     stage_done("validation runs")
-    records, ran_train = run_jobs(train_jobs(preset, methods, choices), preset, workspace,
+    records, ran_train = run_jobs(train_jobs(preset, methods, choices, target_info["rows"]), preset, workspace,
                                   target_info["fingerprint"], args.workers, threads)
     stage_done("comparison runs")
     attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["attack_rows"], args.workers, threads)

@@ -70,6 +70,16 @@ def test_each_method_stops_where_validation_scores_best():
     assert quality.recommend({"A": only_collapsed, "B": choice}) == "B"  # a better but ineligible method is not
 
 
+def test_train_runs_last_as_many_epochs_as_the_choice_on_validation():
+    rows = {"forget_train": 224, "forget_validation": 82}
+    assert quality.in_train_steps(84, rows) == 229 and quality.in_train_steps(21, rows) == 57
+    assert quality.in_train_steps(1, {"forget_train": 2, "forget_validation": 8}) == 1  # at least one step
+    method = quality.METHODS[0]
+    choice = {"loss_terms": list(method.loss_terms), "weights": dict(method.weights), "step": 42}
+    jobs = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)
+    assert [(job.seed, job.max_steps, job.eval_every) for job in jobs] == [(0, 115, 57), (1, 115, 115), (2, 115, 115)]
+
+
 def test_methods_option_selects_a_subset_by_name_or_slug():
     preset = quality.PRESETS["cpu"]
     chosen = quality.select_methods("ga, SimNPO+GD,gnm-paper", preset)
@@ -101,8 +111,9 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     for name, curves in summary["methods"].items():
         assert len(curves) == len(preset.seeds)
         choice = summary["run"]["choices"][recommended if name.startswith("Recommended") else name]
+        rows = summary["run"]["target"]["rows"]
         for curve in curves:
-            assert curve[-1]["step"] == choice["step"]  # stopped where validation said
+            assert curve[-1]["step"] == quality.in_train_steps(choice["step"], rows)  # the epochs validation chose
             final = curve[-1]
             for key in ("hm12", "mia_auc", "mia_score", "final_no_mmlu", "qa_rougeL_forget", "qa_rougeL_retain",
                         "heldout_nll", "gibberish_retain", "collapsed", "forget_Task2_K", "retain_Task2_R"):
