@@ -218,8 +218,10 @@ def lume_subset(source, documents: dict, seed: int = 0, heldout_per_task: int = 
     for task in sorted({task for task, _ in unused}):
         keys = sorted(key for key in unused if key[0] == task)
         heldout |= set(rng.sample(keys, min(heldout_per_task, len(keys))))
-    as_documents = lambda keys: [{"id": key[1], "task": key[0], "document": document_text(unused[key])}  # noqa: E731
-                                 for key in sorted(keys)]
+
+    def as_documents(keys) -> list[dict]:
+        return [{"id": key[1], "task": key[0], "document": document_text(unused[key])} for key in sorted(keys)]
+
     subset["pretraining"] = as_documents(set(unused) - heldout)
     subset["heldout"] = as_documents(heldout)
     return subset
@@ -263,11 +265,11 @@ class Workspace:
 def validation_members(data_dir: str) -> list[str]:
     """The validation partition's MIA members: its Task3 forget documents (their sentence-completion text), which
     the target memorised like the train members (`include_validation`)."""
+    from gnm_trainer.cli.best_on_validation import member_documents
     from gnm_trainer.data import load_unlearning_splits
 
     forget, _ = load_unlearning_splits(data_dir, "validation")
-    return [row["prompt"] + " " + row["completion"] for row in forget
-            if row["task"] == "Task3" and row["id"][:-1].endswith("sc")]
+    return member_documents([row for row in forget if row["task"] == "Task3"])
 
 
 def documents_for_evaluation(data_dir: str, preset: Preset, partition: str = "train") -> dict[str, list[str]]:
