@@ -155,12 +155,11 @@ def attack_table(grouped: dict[str, list[dict]], attacks: dict[str, dict], attac
 
 
 def choice_table(choices: dict[str, dict]) -> str:
-    lines = ["| method | loss terms | weights | step | validation HM12 | validation MIA score | validation final | "
-             "retain K | eligible |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | loss terms | weights | other settings | step | validation HM12 | validation MIA score | "
+             "validation final | retain K | eligible |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, choice in choices.items():
         for row in choice["table"]:
-            chosen = (row["loss_terms"], row["weights"], row["step"]) == (choice["loss_terms"], choice["weights"],
-                                                                           choice["step"])
+            chosen = all(row.get(key) == choice.get(key) for key in ("loss_terms", "weights", "options", "step"))
             mark = "**" if chosen else ""
             lines.append(f"| {mark}{method}{mark} | {'+'.join(row['loss_terms'])} | {json.dumps(row['weights'])} "
                          f"| {row['step']} | {_fmt(row['hm12'])} "
