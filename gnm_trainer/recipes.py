@@ -14,5 +14,9 @@ RECIPES = {"recommended": RECOMMENDED, "paper": PAPER}
 
 
 def describe(recipe: dict) -> str:
-    """`npo 1 + gd 5 + gnm 1`: the terms of a recipe with their weights."""
-    return " + ".join(f"{term} {recipe[f'{term}_weight']:g}" for term in recipe["loss_terms"])
+    """`npo 1 + gd 5 + gnm 1`: the terms of a recipe with their weights, then any other setting it makes
+    (`, forget_completion_only_loss=False`)."""
+    terms = " + ".join(f"{term} {recipe[f'{term}_weight']:g}" for term in recipe["loss_terms"])
+    weights = {f"{term}_weight" for term in recipe["loss_terms"]}
+    others = [f"{key}={value}" for key, value in recipe.items() if key != "loss_terms" and key not in weights]
+    return ", ".join([terms, *others])

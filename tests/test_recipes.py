@@ -151,3 +151,12 @@ def test_the_recommended_olmo_recipes_keep_the_best_validation_step(model):
     script_args, _, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", model, "semeval25",
                                                                   "config_recommended.yaml"), "--bf16", "false"])
     assert script_args.eval_on_validation_steps == 100 and script_args.validation_partition == "validation"
+
+
+def test_a_recipe_is_described_with_its_weights_and_its_other_settings():
+    from gnm_trainer.recipes import PAPER, describe
+
+    assert describe(PAPER) == "ga 0.5 + klr 5 + gnm 0.04"
+    whole_text = {"loss_terms": ["simnpo", "gd"], "simnpo_weight": 1.0, "gd_weight": 1.0,
+                  "forget_completion_only_loss": False}
+    assert describe(whole_text) == "simnpo 1 + gd 1, forget_completion_only_loss=False"
