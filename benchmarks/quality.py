@@ -82,8 +82,10 @@ class Method:
 TUNED_GNM = "GNM (tuned on validation)"
 
 
-def gnm_variant(loss_terms: tuple[str, ...], whole_text: bool = False, **weights: float) -> Method:
+def gnm_variant(loss_terms: tuple[str, ...], whole_text: bool = False, simnpo_delta: float | None = None,
+                **weights: float) -> Method:
     options = (("forget_completion_only_loss", False),) if whole_text else ()
+    options += (("simnpo_delta", simnpo_delta),) if simnpo_delta is not None else ()
     return Method(TUNED_GNM, loss_terms, tuple(sorted(weights.items())), negatives="perturb", options=options)
 
 
@@ -99,6 +101,11 @@ GNM_GRID = (
     gnm_variant(("ga", "klr", "gnm"), whole_text=True, ga=1.0, gnm=1.0),
     gnm_variant(("npo", "gd", "gnm"), whole_text=True, gnm=1.0),
     *(gnm_variant(("simnpo", "gd", "gnm"), whole_text=True, simnpo=1.0, gd=1.0, gnm=gnm) for gnm in (0.2, 1.0)),
+    # SimNPO's margin δ stops the ascent once a forget document's mean NLL passes it (δ 0 stops near 1 nat, far
+    # below the ~5.5 nats of text the target never read, so the attack still tells members apart): δ near the
+    # non-members' NLL takes the whole documents up to where the non-members are, and no further.
+    *(gnm_variant(("simnpo", "gd", "gnm"), whole_text=True, simnpo_delta=delta, simnpo=1.0, gd=gd, gnm=0.2)
+      for delta, gd in ((3.0, 1.0), (5.0, 1.0), (4.0, 1.0), (5.0, 5.0))),
 )
 
 METHODS = (
