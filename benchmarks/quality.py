@@ -126,6 +126,9 @@ METHODS = (
     # SHA256: only the first layers adapted (0-5 of OLMo-7B's 32; here layer 0 of 4), gradient difference.
     Method("Layer-selective GA+GD (SHA256)", ("ga", "gd"), weights=(("ga", 1.0), ("gd", 1.0)), lora_layers=(0,)),
     Method("GNM (paper)", ("ga", "klr", "gnm"), negatives="perturb"),
+    # The ablation of GNM's tuned choice: the same SimNPO margin, gd weight and whole documents, without the gnm term.
+    Method("SimNPO+GD, margin 5, whole documents (no gnm)", ("simnpo", "gd"), weights=(("gd", 5.0), ("simnpo", 1.0)),
+           options=(("forget_completion_only_loss", False), ("simnpo_delta", 5.0))),
     Method(TUNED_GNM, ("ga", "klr", "gnm"), negatives="perturb", grid=GNM_GRID),
 )
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
