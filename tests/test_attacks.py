@@ -187,7 +187,8 @@ def test_cli_writes_the_attacks_key_the_report_section_and_the_card(workspace, t
                                               "plot.png", "report.md"]
     results = json.loads((output_dir / "evaluation_results.json").read_text())
     official = {"forget-set", "retain-set", "aggregated-terms", "harmonic-mean-task-aggregate", "mia_loss_acc",
-                "mia_final_score", "mmlu_average", "aggregate-score", "aggregate-score-terms", "notes", "settings"}
+                "mia_final_score", "mia_mean_nll", "mmlu_average", "aggregate-score", "aggregate-score-terms", "notes",
+                "settings"}
     assert set(results) == official | {"attacks"}
     assert results["attacks"]["settings"]["attacks"] == ["quant8", "relearn"]
     assert results["attacks"]["settings"]["seed"] == 1 and results["attacks"]["settings"]["relearn_steps"] == 2

@@ -130,6 +130,14 @@ def test_final_score_averages_the_available_terms_and_names_them():
         assert key in results
     assert results["mia_loss_acc"] == 1.0 and results["mia_final_score"] == 0.0
     assert results["aggregate-score"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert results["mia_mean_nll"] == {"members": pytest.approx(0.1), "nonmembers": pytest.approx(0.2)}
+
+
+def test_the_mean_nlls_of_the_attack_are_reported_beside_the_official_keys():
+    rows = [_row("forget", "Task2", "qa", 0.0), _row("retain", "Task2", "qa", 1.0)]
+    results = semeval_results(rows, member_nll=[1.0, 3.0], nonmember_nll=[5.0, 6.0, 7.0])
+    assert results["mia_mean_nll"] == {"members": pytest.approx(2.0), "nonmembers": pytest.approx(6.0)}
+    assert semeval_results(rows)["mia_mean_nll"] is None
 
 
 def test_shards_are_contiguous_and_cover_everything():

@@ -101,6 +101,9 @@ def run(args) -> int:
         summary = {key: results[key] for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score",
                                                  "mmlu_average", "aggregate-score")}
         print(" ".join(f"{key}={'-' if value is None else f'{value:.4f}'}" for key, value in summary.items()))
+        if results["mia_mean_nll"]:
+            print("MIA mean document NLL: members {members:.3f}, non-members {nonmembers:.3f}".format(
+                **results["mia_mean_nll"]))
         if "attacks" in results:
             from ..evaluation.report import attack_summary_line
 

@@ -205,7 +205,8 @@ def semeval_results(
     """The whole results dict, with the official keys, from scored rows, MIA NLLs and an MMLU average.
 
     Keys: `forget-set` / `retain-set` (see `score_rows`), `aggregated-terms`, `harmonic-mean-task-aggregate`,
-    `mia_loss_acc` (the AUC), `mia_final_score`, `mmlu_average`, `aggregate-score`, `aggregate-score-terms`, and
+    `mia_loss_acc` (the AUC), `mia_final_score`, `mia_mean_nll` (ours: the mean member and non-member document
+    NLL), `mmlu_average`, `aggregate-score`, `aggregate-score-terms`, and
     `notes` saying what was left out. Values that could not be computed are None.
     """
     results: dict[str, Any] = dict(score_rows(per_example))
@@ -222,9 +223,14 @@ def semeval_results(
         auc = mia_auc(member_nll, nonmember_nll)
         results["mia_loss_acc"] = auc
         results["mia_final_score"] = mia_score(auc)
+        # Not an official key: the mean document NLLs the attack compared. A target's non-member mean is where the
+        # recommended recipe's `simnpo_delta` stops the ascent (docs/results.md).
+        results["mia_mean_nll"] = {"members": sum(member_nll) / len(member_nll),
+                                   "nonmembers": sum(nonmember_nll) / len(nonmember_nll)}
     else:
         results["mia_loss_acc"] = None
         results["mia_final_score"] = None
+        results["mia_mean_nll"] = None
         notes.append("MIA skipped: no member/non-member documents given")
     results["mmlu_average"] = None if mmlu is None else float(mmlu)
     if mmlu is None:
