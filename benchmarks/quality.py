@@ -73,6 +73,8 @@ class Method:
     lora_layers: tuple[int, ...] | None = None  # None: every layer
     # ZJUKLAB: the adapters merged with TIES, each (share of the steps, its weights); the first over-forgets
     merged: tuple[tuple[float, tuple[tuple[str, float], ...]], ...] = ()
+    # An ablation of another method's choice, added to measure one of its parts: reported, never recommended
+    ablation: bool = False
 
     @property
     def is_gnm(self) -> bool:
@@ -128,7 +130,7 @@ METHODS = (
     Method("GNM (paper)", ("ga", "klr", "gnm"), negatives="perturb"),
     # The ablation of GNM's tuned choice: the same SimNPO margin, gd weight and whole documents, without the gnm term.
     Method("SimNPO+GD, margin 5, whole documents (no gnm)", ("simnpo", "gd"), weights=(("gd", 5.0), ("simnpo", 1.0)),
-           options=(("forget_completion_only_loss", False), ("simnpo_delta", 5.0))),
+           options=(("forget_completion_only_loss", False), ("simnpo_delta", 5.0)), ablation=True),
     Method(TUNED_GNM, ("ga", "klr", "gnm"), negatives="perturb", grid=GNM_GRID),
 )
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -762,13 +764,14 @@ def main(argv=None) -> dict:
     attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["attack_rows"], args.workers, threads)
     stage_done("attacks")
 
-    recommended = recommend(choices)
+    candidates = {method.name: choices[method.name] for method in methods if not method.ablation}
+    recommended = recommend(candidates or choices)
     run_info = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "preset_settings": asdict(preset), "data": data_source,
         "methods": {method.name: {"loss_terms": list(method.loss_terms), "options": dict(method.options),
                                   "lora_layers": method.lora_layers, "merged": method.merged,
-                                  "negatives": method.negatives} for method in methods},
+                                  "negatives": method.negatives, "ablation": method.ablation} for method in methods},
         "target": {key: target_info.get(key) for key in ("parameters", "rows", "epochs", "memorised", "memorisation",
                                                          "wall_time_s", "config", "pretraining")},
         "target_report": before["target_report"], "negatives": negatives,

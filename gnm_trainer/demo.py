@@ -90,7 +90,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
     from .gnm_trainer import GNMTrainer
-    from .recipes import RECIPES, describe
+    from .recipes import RECIPES, calibrated_margin, describe
     from .negatives import build_negatives
     from .target import default_target_dir, make_target
 
@@ -133,7 +133,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     )
     _done(start)
 
-    recipe = RECIPES[settings.recipe]
+    recipe = dict(RECIPES[settings.recipe])
+    if settings.recipe == "recommended":  # SimNPO's margin from the target's non-members, measured in step 2
+        recipe["simnpo_delta"] = calibrated_margin(before["mia_mean_nll"]["nonmembers"])
     start = _step(f"4/6 unlearning with GNM ({settings.recipe} recipe: {describe(recipe)}, LoRA on all linear layers)")
     args = GNMConfig(
         output_dir=os.path.join(output_dir, "model"),
