@@ -363,7 +363,9 @@ NOT_IN_JOB = ("methods", "attacks", "attack_seeds", "seeds", "curve_seeds", "gri
 
 def job_fingerprint(job: Job, preset: Preset, target_fingerprint: str) -> str:
     settings = {name: value for name, value in asdict(preset).items() if name not in NOT_IN_JOB}
-    payload = {"job": asdict(job), "preset": settings, "target": target_fingerprint}
+    job_settings = asdict(job)
+    del job_settings["method"]["ablation"]  # how a method is reported, not how it trains
+    payload = {"job": job_settings, "preset": settings, "target": target_fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
