@@ -160,3 +160,10 @@ def test_a_recipe_is_described_with_its_weights_and_its_other_settings():
     whole_text = {"loss_terms": ["simnpo", "gd"], "simnpo_weight": 1.0, "gd_weight": 1.0,
                   "forget_completion_only_loss": False}
     assert describe(whole_text) == "simnpo 1 + gd 1, forget_completion_only_loss=False"
+
+
+def test_the_recommended_margin_is_nine_tenths_of_the_targets_non_member_nll():
+    from gnm_trainer.recipes import calibrated_margin
+
+    assert calibrated_margin(5.52) == 5.0  # the quality benchmark's target: its grid chose δ 5
+    assert calibrated_margin(3.55) == 3.2  # the demo's default target (recipes/tiny/embedded)
