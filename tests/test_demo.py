@@ -38,3 +38,17 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
         assert attacks[name]["recovery"]["overall"]["mean"] is not None
     assert "## Attacks" in printed and "| relearn | held-out half" in (output / "report.md").read_text()
     assert json.loads((output / "demo_summary.json").read_text())["attack_seconds"] > 0
+
+
+def test_the_recommended_recipe_takes_its_margin_from_the_targets_non_members(tmp_path, capsys):
+    from gnm_trainer.recipes import calibrated_margin
+
+    output = tmp_path / "demo"
+    code = main(["demo", "--quick", "--recipe", "recommended", "--no_attacks", "--output_dir", str(output),
+                 "--max_steps", "2", "--max_new_tokens", "8"])
+    assert code == 0
+    before = json.loads((output / "results_before.json").read_text())
+    margin = calibrated_margin(before["mia_mean_nll"]["nonmembers"])
+    assert margin > 0
+    printed = capsys.readouterr().out
+    assert f"simnpo 1 + gd 5 + gnm 0.2, forget_completion_only_loss=False, simnpo_delta={margin}," in printed
