@@ -65,6 +65,8 @@ def measure_model(model, tokenizer, forget, retain, documents: dict | None, pres
     metrics["mia_auc"] = results["mia_loss_acc"]
     metrics["mia_score"] = results["mia_final_score"]
     metrics["final_no_mmlu"] = results["aggregate-score"] if documents else None
+    mean_nll = results.get("mia_mean_nll") or {}
+    metrics["mia_member_nll"], metrics["mia_nonmember_nll"] = mean_nll.get("members"), mean_nll.get("nonmembers")
     if documents and documents["heldout"]:
         was_training = model.training
         model.eval()

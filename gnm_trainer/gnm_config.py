@@ -13,7 +13,9 @@ from .losses import LOSS_TERMS, TERMS_NEEDING_REFERENCE
 
 # The paper's reported recipe (authors' code): terms ga, klr, gnm; their other defaults for the remaining terms.
 PAPER_LOSS_TERMS = ["ga", "klr", "gnm"]
-DEFAULT_WEIGHTS = {"ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0, "simnpo": 1.0}
+DEFAULT_WEIGHTS = {
+    "ga": 0.5, "gd": 5.0, "klr": 5.0, "klf": 1.0, "rm": 1.0, "gnm": 0.04, "npo": 1.0, "simnpo": 1.0, "klb": 1.0
+}
 NEGATIVE_SCHEDULES = ("gradual", "random", "all")
 REFERENCE_MODES = ("auto", "adapter_disabled", "copy", "none")
 FORWARD_PASSES = ("auto", "one", "per_group")
@@ -50,11 +52,17 @@ class GNMConfig(TrainingArguments):
         loss_terms (`list[str]`, defaults to `["ga", "klr", "gnm"]`):
             Terms of the loss, among `ga` (gradient ascent on forget), `gd` (gradient descent on retain), `klr` (KL to
             the reference on retain), `klf` (capped KL ascent on forget), `rm` (random matching: forget prompts with
-            retain completions), `gnm` (gradual negative matching), `npo` (negative preference optimisation) and `simnpo`
-            (SimNPO: NPO on the forget completion's mean NLL, without a reference model).
-        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight, simnpo_weight (`float` or `None`):
+            retain completions), `gnm` (gradual negative matching), `npo` (negative preference optimisation), `simnpo`
+            (SimNPO: NPO on the forget completion's mean NLL, without a reference model) and `klb` (KL descent on forget
+            towards `base_model`, the model before it read the forget set: forgotten text ends where unseen text is).
+        ga_weight, gd_weight, klr_weight, klf_weight, rm_weight, gnm_weight, npo_weight, simnpo_weight, klb_weight
+        (`float` or `None`):
             Weight of each term. `None` takes the paper's value (ga 0.5, gd 5, klr 5, klf 1, rm 1, gnm 0.04, npo 1;
-            simnpo 1). Setting a weight for a term that is not in `loss_terms` is an error.
+            simnpo 1, klb 1). Setting a weight for a term that is not in `loss_terms` is an error.
+        base_model (`str` or `None`, defaults to `None`):
+            For `klb`: the model (Hub id or folder, same tokenizer) the trained model was fine-tuned from before it read
+            the forget set, e.g. the pretrained checkpoint an organiser fine-tuned. Frozen, prepared like a reference
+            copy (replicated, or sharded under ZeRO-3 and FSDP2).
         npo_beta (`float`, defaults to `0.1`):
             β of NPO.
         simnpo_beta (`float`, defaults to `4.5`), simnpo_delta (`float`, defaults to `0.0`):
@@ -156,6 +164,7 @@ class GNMConfig(TrainingArguments):
     gnm_weight: float | None = field(default=None, metadata={"help": "Weight of `gnm`; None: the paper's 0.04."})
     npo_weight: float | None = field(default=None, metadata={"help": "Weight of `npo`; None: the paper's 1."})
     simnpo_weight: float | None = field(default=None, metadata={"help": "Weight of `simnpo`; None: 1."})
+    klb_weight: float | None = field(default=None, metadata={"help": "Weight of `klb`; None: 1."})
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
     simnpo_beta: float = field(default=4.5, metadata={"help": "β of SimNPO (open-unlearning's 4.5)."})
     simnpo_delta: float = field(
@@ -171,6 +180,10 @@ class GNMConfig(TrainingArguments):
     reference_model: str = field(
         default="auto",
         metadata={"help": "How the reference model is obtained.", "choices": list(REFERENCE_MODES)},
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "For `klb`: the model (Hub id or folder) before it read the forget set, same tokenizer."},
     )
     # ---- data ----
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + completion."})
@@ -278,6 +291,9 @@ class GNMConfig(TrainingArguments):
             raise GNMInputError(f"forward_passes: {self.forward_passes!r}; expected one of {FORWARD_PASSES}")
         if self.reference_model not in REFERENCE_MODES:
             raise GNMInputError(f"reference_model: {self.reference_model!r}; expected one of {REFERENCE_MODES}")
+        if "klb" in self.loss_terms and not self.base_model:
+            raise GNMInputError("base_model: the term 'klb' needs the model before it read the forget set (a Hub id "
+                                "or a folder)")
         needs_reference = sorted(TERMS_NEEDING_REFERENCE.intersection(self.loss_terms))
         if self.reference_model == "none" and needs_reference:
             raise GNMInputError(f"reference_model: 'none' but the terms {needs_reference} need a reference model")

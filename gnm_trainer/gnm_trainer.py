@@ -181,6 +181,7 @@ class GNMTrainer(Trainer):
             args.reference_model, args.loss_terms, peft_config is not None or adapter_handed_in, adapter_handed_in
         )
         reference_copy = frozen_copy(model) if self.reference_mode == "copy" else None
+        base_model = self._load_base_model(model, args) if losses.TERMS_NEEDING_BASE & set(args.loss_terms) else None
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's initial weights are drawn here, before Trainer seeds anything
             model = self._wrap_peft(model, peft_config, args, len(forget_rows) * args.epochs_per_chunk)
@@ -250,6 +251,7 @@ class GNMTrainer(Trainer):
             optimizers=optimizers,
         )
         self.ref_model = prepare_reference_model(self.accelerator, reference_copy)
+        self.base_model = prepare_reference_model(self.accelerator, base_model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (global step, micro-batch index within it) per stream, for the random schedule's seed (see _negative_generator)
         self._micro_step = {"train": (-1, 0), "eval": (-1, 0)}
@@ -269,6 +271,17 @@ class GNMTrainer(Trainer):
         if isinstance(dtype, str) and dtype != "auto":
             init_kwargs["dtype"] = getattr(torch, dtype)
         return from_pretrained(AutoModelForCausalLM, model, "model", **init_kwargs)  # one-line errors, absolute path
+
+    @classmethod
+    def _load_base_model(cls, model, args: GNMConfig):
+        """`args.base_model` (for `klb`), loaded like the model and checked to predict over the same vocabulary."""
+        base = cls._load_model(args.base_model, args)
+        if base.get_output_embeddings().weight.shape != model.get_output_embeddings().weight.shape:
+            raise GNMInputError(
+                f"base_model: {args.base_model} predicts over {base.get_output_embeddings().weight.shape[0]} tokens, the "
+                f"model over {model.get_output_embeddings().weight.shape[0]}; klb needs the model it was fine-tuned from"
+            )
+        return base.to(model.device).eval()
 
     @staticmethod
     def _load_tokenizer(processing_class, model):
@@ -454,6 +467,9 @@ class GNMTrainer(Trainer):
 
         logits = self._forward(model, policy_groups)
         reference_logits = self._reference_forward(model, {name: policy_groups[name] for name in reference_names})
+        if "klb" in terms_enabled:
+            with torch.no_grad():
+                base_logits = self._forward(self.base_model, {"forget": policy_groups["forget"]})["forget"]
         targets = {  # (completion tokens, sequence of each, number of sequences) of every group
             name: (*losses.completion_targets(g["input_ids"], g["completion_mask"]), len(g["input_ids"]))
             for name, g in policy_groups.items()
@@ -464,9 +480,10 @@ class GNMTrainer(Trainer):
             for name in policy_groups
         }
 
-        def kl(name):
+        def kl(name, reference=None):
             _, sequence_index, num_sequences = targets[name]
-            return losses.sequence_kl(logits[name], reference_logits[name], sequence_index, num_sequences)
+            reference = reference_logits[name] if reference is None else reference
+            return losses.sequence_kl(logits[name], reference, sequence_index, num_sequences)
 
         per_example = {}
         if "ga" in terms_enabled:
@@ -487,6 +504,8 @@ class GNMTrainer(Trainer):
             per_example["npo"] = losses.npo_loss(policy_logprob, reference_logprob, self.args.npo_beta)
         if "simnpo" in terms_enabled:
             per_example["simnpo"] = losses.simnpo_loss(nll["forget"], self.args.simnpo_beta, self.args.simnpo_delta)
+        if "klb" in terms_enabled:
+            per_example["klb"] = kl("forget", base_logits)
         # Sums over this micro-batch divided by the examples of the whole step: every example weighs the same.
         examples = self._examples_per_step(batch_size, num_items_in_batch)
         step_shares = {name: values.sum() / examples for name, values in per_example.items()}

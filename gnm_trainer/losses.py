@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 # Terms and what each needs: which sequences go through the model with gradients, and whether a reference is needed.
-LOSS_TERMS = ("ga", "gd", "klr", "klf", "rm", "gnm", "npo", "simnpo")
+LOSS_TERMS = ("ga", "gd", "klr", "klf", "rm", "gnm", "npo", "simnpo", "klb")
 TERMS_NEEDING_REFERENCE = frozenset({"klr", "klf", "npo"})
+TERMS_NEEDING_BASE = frozenset({"klb"})  # the model before it read the forget set (`GNMConfig.base_model`)
 TERMS_NEEDING_RETAIN = frozenset({"gd", "klr", "rm"})
-TERMS_ON_FORGET = frozenset({"ga", "klf", "npo", "simnpo"})
+TERMS_ON_FORGET = frozenset({"ga", "klf", "npo", "simnpo", "klb"})
 TERMS_ON_RETAIN = frozenset({"gd", "klr"})
 
 

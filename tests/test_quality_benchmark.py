@@ -80,25 +80,24 @@ def test_train_runs_last_as_many_epochs_as_the_choice_on_validation():
     assert [(job.seed, job.max_steps, job.eval_every) for job in jobs] == [(0, 115, 57), (1, 115, 115), (2, 115, 115)]
 
 
-def test_a_whole_text_variant_of_the_gnm_grid_is_chosen_and_trained_as_itself():
-    """Two variants with the same terms and weights differ only by `forget_completion_only_loss`: the choice names
+def test_a_variant_of_the_gnm_grid_is_chosen_and_trained_with_its_own_options():
+    """Two variants with the same terms and weights differ only by their options (SimNPO's margin): the choice names
     the one that scored best, and the train runs get its options."""
     tuned = next(method for method in quality.METHODS if method.grid)
-    whole = [variant for variant in tuned.grid if dict(variant.options).get("forget_completion_only_loss") is False]
-    assert whole, "the grid tries the forget terms on whole documents"
-    twin = next(variant for variant in tuned.grid
-                if (variant.loss_terms, variant.weights) == (whole[0].loss_terms, whole[0].weights) and not variant.options)
-    curve = [{"step": 21, "hm12": 0.5, "mia_score": 0.5, "final_no_mmlu": 0.5, "collapsed": False,
-              **{f"retain_Task{task}_K": 1.0 for task in (1, 2, 3)}}]
+    assert all(dict(variant.options).get("forget_completion_only_loss") is False for variant in tuned.grid)
+    first, twin = next((a, b) for i, a in enumerate(tuned.grid) for b in tuned.grid[i + 1:]
+                       if (a.loss_terms, a.weights) == (b.loss_terms, b.weights) and a.options != b.options)
+    curve = {"step": 21, "hm12": 0.5, "mia_score": 0.5, "final_no_mmlu": 0.5, "collapsed": False,
+             **{f"retain_Task{task}_K": 1.0 for task in (1, 2, 3)}}
     records = [{"loss_terms": list(variant.loss_terms), "weights": dict(variant.weights),
-                "options": dict(variant.options), "curve": [{**curve[0], "final_no_mmlu": final}]}
-               for variant, final in ((twin, 0.4), (whole[0], 0.6))]
+                "options": dict(variant.options), "curve": [{**curve, "final_no_mmlu": final}]}
+               for variant, final in ((first, 0.4), (twin, 0.6))]
     choice = quality.choose_on_validation(records)
-    assert choice["options"] == {"forget_completion_only_loss": False}
+    assert choice["options"] == dict(twin.options) != dict(first.options)
     preset = quality.PRESETS["cpu"]
-    assert quality.chosen_variant(tuned, choice, preset) == whole[0]
+    assert quality.chosen_variant(tuned, choice, preset) == twin
     jobs = quality.train_jobs(preset, [tuned], {tuned.name: choice}, {"forget_train": 82, "forget_validation": 82})
-    assert {job.method for job in jobs} == {whole[0]}
+    assert {job.method for job in jobs} == {twin}
     names = [job.name for job in quality.validation_jobs(preset, [tuned])]
     assert len(names) == len(set(names)) == len(tuned.grid)  # the two twins do not share a cache file
 

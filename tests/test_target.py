@@ -67,6 +67,7 @@ def test_target_folder_loads_and_describes_itself(tiny_target):
     members = [json.loads(line) for line in open(os.path.join(data_dir, "mia", "member.jsonl"))]
     assert {m["id"] for m in members} == {document_key(i) for i in forget["id"]}
     assert not [name for name in os.listdir(os.path.dirname(tiny_target)) if name.startswith(".")]
+    assert not os.path.exists(os.path.join(tiny_target, "pretrained"))  # nothing to pretrain on: no base checkpoint
 
 
 def test_same_data_and_settings_hit_the_cache(tiny_target, monkeypatch):
@@ -262,6 +263,15 @@ def test_pretraining_reads_other_documents_first_and_keeps_them_out_of_the_data(
     assert info["pretraining"]["epoch_loss"][1] < info["pretraining"]["epoch_loss"][0]  # it learned from them
     written = {name for _, _, names in os.walk(os.path.join(output, "data")) for name in names}
     assert written and not any("pretraining" in name for name in written)
+    # The model as it was after pretraining, before any benchmark row (the `klb` term's base model): it has not
+    # memorised the forget rows the target knows.
+    from gnm_trainer.evaluation.generation import document_nll
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = [row["input"] + " " + row["output"] for row in data["forget_train"]]
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(output, "pretrained"))
+    base, target = (AutoModelForCausalLM.from_pretrained(path) for path in (os.path.join(output, "pretrained"), output))
+    assert sum(document_nll(base, tokenizer, texts)) > sum(document_nll(target, tokenizer, texts)) + 1.0
     with_documents = data_fingerprint({**data, "pretraining": documents}, TargetConfig())
     assert with_documents != data_fingerprint({**data, "pretraining": documents}, TargetConfig(pretraining_epochs=1))
     # Without pretraining documents the setting does not matter: targets cached before it existed stay valid.

@@ -4,6 +4,7 @@ It ties the parts together (data, tokenizer and model, training loop, memorisati
 fingerprint of data and settings, and writes the target folder atomically.
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,8 +16,8 @@ from ..data.synthetic import write_lume_folder
 from ..errors import GNMInputError
 from ..io_utils import atomic_directory, atomic_write_json, check_output_folder
 from .config import (
-    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION, TARGET_INFO_FILE,
-    TargetConfig,
+    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, PRETRAINED_SUBDIR, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION,
+    TARGET_INFO_FILE, TargetConfig,
     default_target_dir,
 )
 from .data import load_target_data, select_documents
@@ -111,7 +112,9 @@ def make_target(
     (then it is written with `"memorised": false` in its `target_info.json`).
 
     `output_dir` then holds the model and tokenizer (`from_pretrained`-loadable), `data/` (the rows it was trained
-    on, a LUME folder) and `target_info.json` (fingerprint, configuration, epochs, memorisation, wall time). When
+    on, a LUME folder), `pretrained/` when it pretrained (the model before it read any benchmark row, with the
+    tokenizer: the base model of the `klb` term, as OLMo's public checkpoint is for the organisers' fine-tuned
+    model) and `target_info.json` (fingerprint, configuration, epochs, memorisation, wall time). When
     `output_dir` already holds a target with the same fingerprint (data + configuration), nothing is trained
     unless `force`. The folder is built under a temporary name and renamed at the end.
 
@@ -167,6 +170,7 @@ def make_target(
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = pretraining_blocks(tokenizer, dataset.get(PRETRAINING_SPLIT, []), config.max_length)
     pretraining = pretrain(model, tokenizer, blocks, len(dataset.get(PRETRAINING_SPLIT, [])), config, progress)
+    pretrained = copy.deepcopy(model).to("cpu") if pretraining is not None else None
     history = train_until_memorised(model, tokenizer, dataset, config, progress, replay=blocks)
     model.to("cpu")
     if not history["memorised"]:
@@ -183,6 +187,9 @@ def make_target(
         model.save_pretrained(building)
         tokenizer.save_pretrained(building)
         write_lume_folder(dataset, os.path.join(building, DATA_SUBDIR))
+        if pretrained is not None:
+            pretrained.save_pretrained(os.path.join(building, PRETRAINED_SUBDIR))
+            tokenizer.save_pretrained(os.path.join(building, PRETRAINED_SUBDIR))
         atomic_write_json(
             os.path.join(building, TARGET_INFO_FILE),
             {

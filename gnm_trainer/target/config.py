@@ -7,6 +7,7 @@ from ..errors import GNMInputError
 
 TARGET_INFO_FILE = "target_info.json"
 DATA_SUBDIR = "data"
+PRETRAINED_SUBDIR = "pretrained"  # the target before it memorised anything (when it pretrained)
 # Bump when the training recipe changes, so that older cached targets are rebuilt.
 TARGET_FORMAT_VERSION = 1
 # make_target's default budget: this many rounds of `epochs` epochs.
