@@ -8,6 +8,8 @@ Measured per evaluation (`measure_model`):
   reports for QA;
 - `heldout_nll`: mean token NLL of held-out Wikipedia documents the target never saw, the utility proxy
   standing in for MMLU (lower is better; it rises when unlearning damages the language model);
+- `mia_member_nll` / `mia_nonmember_nll`: the mean document NLL of the attack's members and non-members, what the
+  attack compares (the MIA score is best when the two distributions are alike);
 - `gibberish_retain`: share of retain generations that are empty or degenerate (fewer than 30% distinct words
   among at least 8), and `collapsed`: retain knowledge (mean K over tasks) below 0.05 or more than half of the
   retain generations gibberish.
@@ -116,6 +118,7 @@ MAIN_COLUMNS = (
     ("HM12 ↑", "hm12"), ("MIA AUC (→0.5)", "mia_auc"), ("MIA score ↑", "mia_score"),
     ("final w/o MMLU ↑", "final_no_mmlu"), ("QA ROUGE-L forget ↓", "qa_rougeL_forget"),
     ("QA ROUGE-L retain ↑", "qa_rougeL_retain"), ("held-out NLL ↓", "heldout_nll"),
+    ("MIA members' NLL", "mia_member_nll"), ("MIA non-members' NLL", "mia_nonmember_nll"),
 )
 
 
@@ -130,7 +133,9 @@ def main_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, 
     header = ("| method | steps | " + " | ".join(name for name, _ in MAIN_COLUMNS) + " | collapsed runs |"
               + attack_header)
     lines = [header, "|" + "---|" * (len(MAIN_COLUMNS) + 3 + len(attack_names))]
-    lines.append("| target (before) | 0 | " + " | ".join(_fmt(before.get(key)) for _, key in MAIN_COLUMNS) + " | – |"
+    report = before.get("target_report") or {}  # the same documents' mean NLL, from the target's report
+    target = {"mia_member_nll": report.get("member_nll"), "mia_nonmember_nll": report.get("nonmember_nll"), **before}
+    lines.append("| target (before) | 0 | " + " | ".join(_fmt(target.get(key)) for _, key in MAIN_COLUMNS) + " | – |"
                  + " – |" * len(attack_names))
     for method, runs in grouped.items():
         finals = [run["curve"][-1] for run in runs]
@@ -181,14 +186,15 @@ def task_table(before: dict, grouped: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def curve_table(before: dict, grouped: dict[str, list[dict]]) -> str:
+def curve_table(before: dict, grouped: dict[str, list[dict]], key: str = "hm12") -> str:
+    """`key` at every evaluated step (mean ± sd over the runs evaluated there)."""
     steps = sorted({point["step"] for runs in grouped.values() for run in runs for point in run["curve"]})
     lines = ["| method | step 0 | " + " | ".join(f"step {step}" for step in steps) + " |",
              "|" + "---|" * (len(steps) + 2)]
     for method, runs in grouped.items():
-        row = [_fmt(before.get("hm12"))]
+        row = [_fmt(before.get(key))]
         for step in steps:
-            row.append(cell([point["hm12"] for run in runs for point in run["curve"] if point["step"] == step]))
+            row.append(cell([point[key] for run in runs for point in run["curve"] if point["step"] == step]))
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -310,6 +316,10 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
 ## HM12 across training
 
 {curve_table(before, grouped)}
+
+## MIA score across training
+
+{curve_table(before, grouped, "mia_score")}
 
 ## QA ROUGE-L gap (retain − forget, higher is better)
 

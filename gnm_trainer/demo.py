@@ -4,8 +4,9 @@ Everything runs offline on CPU: the target is the tiny Llama that `make_target` 
 synthetic LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small
 to write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
 the paper's loss recipe (`ga` 0.5, `klr` 5, `gnm` 0.04; `recipe="recommended"` takes `gnm_trainer.recipes.
-RECOMMENDED`, `simnpo` 1 + `gd` 5 + `gnm` 0.2 on whole documents, with SimNPO's margin calibrated on the target's
-non-members measured in step 2) with LoRA on all linear layers. Last, the attacks of
+recommended_recipe`, with SimNPO's margin calibrated on the target's non-members measured in step 2: the demo's
+target is trained from scratch and has no base model, so it is the recipe without `klb`) with LoRA on all linear
+layers. Last, the attacks of
 `evaluation.attacks` (8-/4-bit quantisation, relearning on half the forget documents) measure how much of what was
 removed comes back, against the target's scores from step 2.
 """
@@ -91,7 +92,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
     from .gnm_trainer import GNMTrainer
-    from .recipes import RECIPES, calibrated_margin, describe
+    from .recipes import RECIPES, describe, recommended_recipe
+    from .target.config import PRETRAINED_SUBDIR
     from .negatives import build_negatives
     from .target import default_target_dir, make_target
 
@@ -136,7 +138,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
 
     recipe = dict(RECIPES[settings.recipe])
     if settings.recipe == "recommended":  # SimNPO's margin from the target's non-members, measured in step 2
-        recipe["simnpo_delta"] = calibrated_margin(before["mia_mean_nll"]["nonmembers"])
+        base_model = os.path.join(target_dir, PRETRAINED_SUBDIR)
+        recipe = recommended_recipe(before["mia_mean_nll"]["nonmembers"],
+                                    base_model if os.path.isdir(base_model) else None)
     start = _step(f"4/6 unlearning with GNM ({settings.recipe} recipe: {describe(recipe)}, LoRA on all linear layers)")
     args = GNMConfig(
         output_dir=os.path.join(output_dir, "model"),

@@ -266,16 +266,15 @@ class GNMTrainer(Trainer):
             if args.model_init_kwargs:
                 raise GNMInputError("model_init_kwargs: only used when `model` is a Hub id or a path")
             return model
-        init_kwargs = dict(args.model_init_kwargs or {})
-        dtype = init_kwargs.get("dtype")
-        if isinstance(dtype, str) and dtype != "auto":
-            init_kwargs["dtype"] = getattr(torch, dtype)
-        return from_pretrained(AutoModelForCausalLM, model, "model", **init_kwargs)  # one-line errors, absolute path
+        # one-line errors, absolute path
+        return from_pretrained(AutoModelForCausalLM, model, "model", **model_init_kwargs(args))
 
-    @classmethod
-    def _load_base_model(cls, model, args: GNMConfig):
-        """`args.base_model` (for `klb`), loaded like the model and checked to predict over the same vocabulary."""
-        base = cls._load_model(args.base_model, args)
+    @staticmethod
+    def _load_base_model(model, args: GNMConfig):
+        """`args.base_model` (for `klb`), in the model's dtype unless `model_init_kwargs` names one, checked to predict
+        over the same vocabulary."""
+        base = from_pretrained(AutoModelForCausalLM, args.base_model, "base_model",
+                               **model_init_kwargs(args, dtype=model.dtype))
         if base.get_output_embeddings().weight.shape != model.get_output_embeddings().weight.shape:
             raise GNMInputError(
                 f"base_model: {args.base_model} predicts over {base.get_output_embeddings().weight.shape[0]} tokens, the "
@@ -637,6 +636,14 @@ class GNMTrainer(Trainer):
         from .hub import push_trainer
 
         return push_trainer(self, commit_message, token, revision, private, **kwargs)
+
+
+def model_init_kwargs(args: GNMConfig, dtype: torch.dtype | None = None) -> dict:
+    """`args.model_init_kwargs` for `from_pretrained`, its dtype name as a torch dtype; `dtype` when it names none."""
+    init_kwargs = {**({"dtype": dtype} if dtype is not None else {}), **dict(args.model_init_kwargs or {})}
+    if isinstance(init_kwargs.get("dtype"), str) and init_kwargs["dtype"] != "auto":
+        init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
+    return init_kwargs
 
 
 def check_adalora_is_supported() -> None:

@@ -44,6 +44,7 @@ TERM_MEANINGS = {
     "gnm": "gradual negative matching: forget prompts trained towards gradually wrong completions",
     "npo": "negative preference optimisation on the forget set",
     "simnpo": "SimNPO: NPO on the forget completions' mean NLL, without a reference model",
+    "klb": "KL(p_base ‖ p_θ) on the forget set: back to the base model, the model before it read the forget set",
 }
 SCHEDULE_MEANINGS = {
     "gradual": "level 1 (slightly wrong) in the first 1/K of training, up to level K (fully wrong) in the last 1/K",
@@ -141,6 +142,8 @@ def recipe_from_config(args) -> dict[str, Any]:
         recipe["simnpo_beta"], recipe["simnpo_delta"] = args.simnpo_beta, args.simnpo_delta
     if "klf" in terms:
         recipe["klf_cap"] = args.klf_cap
+    if "klb" in terms:
+        recipe["base_model"] = args.base_model
     if getattr(args, "forget_chunks", 1) > 1:
         recipe["forget_chunks"], recipe["epochs_per_chunk"] = args.forget_chunks, args.epochs_per_chunk
     recipe.update({name: _plain(getattr(args, name)) for name in RECIPE_FIELDS if hasattr(args, name)})

@@ -1,29 +1,47 @@
 """Named loss recipes: the paper's, and the recommended one.
 
 `RECOMMENDED` is the loss that scored best on validation rows in the quality benchmark (`benchmarks/quality.py
---preset cpu`, docs/results.md), among every method it compares, SemEval-2025's winners included: SimNPO on whole
-forget documents with a margin, gradient descent on the retain set (weight 5) and GNM's gradual negatives (weight
-0.2). It was also the best of all methods on the train rows (final score without MMLU 0.64 against 0.45 for the
-next method).
+--preset cpu`, docs/results.md), among every method it compares, SemEval-2025's winners included: on whole forget
+documents, SimNPO with a margin at the non-members' NLL and `klb` towards the base model (the model before it read
+the forget set), gradient descent on the retain set (weight 5) and GNM's gradual negatives (weight 0.2).
 
-The margin `simnpo_delta` is where SimNPO stops raising a forget document's mean NLL. It depends on the target:
-`calibrated_margin` gives it from the mean NLL the target gives documents it never read (`gnm evaluate` prints it as
-"MIA mean document NLL: ... non-members"; `mia_mean_nll` in its results), so that forgotten documents end where the
-non-members are, which is what the membership attack compares. The recipes `recipes/*/*/config_recommended.yaml`
-and `gnm demo --recipe recommended` use it; a test keeps them equal to this dict.
+Two settings depend on the target, and `recommended_recipe` fills them:
+- `base_model`: the checkpoint the target was fine-tuned from (for the SemEval-2025 7B target, OLMo-7B-0724-Instruct-hf;
+  for a target of `make_target` that pretrained, its `pretrained/` folder). `klb` pulls the forget documents towards
+  what that model gives them, so they end like text the target never read.
+- `simnpo_delta`: where SimNPO stops raising a forget document's mean NLL, from the mean NLL the target gives
+  documents it never read (`gnm evaluate` prints it as "MIA mean document NLL: ... non-members"; `mia_mean_nll` in
+  its results): the membership attack compares the two.
+
+A target without a base model (trained from scratch, as `gnm demo`'s) gets `RECOMMENDED_WITHOUT_BASE`: the same
+recipe without `klb`, the benchmark's choice before `klb` existed, with its margin a little below the non-members.
+The recipes `recipes/*/*/config_recommended.yaml` and `gnm demo --recipe recommended` use them; tests keep them equal.
 """
 
 PAPER = {"loss_terms": ["ga", "klr", "gnm"], "ga_weight": 0.5, "klr_weight": 5.0, "gnm_weight": 0.04}
-RECOMMENDED = {"loss_terms": ["simnpo", "gd", "gnm"], "simnpo_weight": 1.0, "gd_weight": 5.0, "gnm_weight": 0.2,
-               "forget_completion_only_loss": False}
+RECOMMENDED = {"loss_terms": ["simnpo", "klb", "gd", "gnm"], "simnpo_weight": 1.0, "klb_weight": 1.0, "gd_weight": 5.0,
+               "gnm_weight": 0.2, "forget_completion_only_loss": False}
+RECOMMENDED_WITHOUT_BASE = {"loss_terms": ["simnpo", "gd", "gnm"], "simnpo_weight": 1.0, "gd_weight": 5.0,
+                            "gnm_weight": 0.2, "forget_completion_only_loss": False}
 RECIPES = {"recommended": RECOMMENDED, "paper": PAPER}
-# The benchmark chose δ 5 among 3, 4 and 5 on validation, for a target whose non-members sit at 5.52 nats.
-MARGIN_SHARE_OF_NONMEMBER_NLL = 0.9
+# SimNPO's margin as a share of the target's mean non-member NLL. With `klb` the benchmark chose δ 5.5 among 5, 5.5
+# and 6 for a target whose non-members sit at 5.47 nats; without it, δ 5 among 3, 4 and 5 for one at 5.52.
+MARGIN_SHARE_OF_NONMEMBER_NLL = 1.0
+MARGIN_SHARE_WITHOUT_BASE = 0.9
 
 
-def calibrated_margin(nonmember_nll: float) -> float:
-    """`simnpo_delta` for the recommended recipe: 0.9 x the target's mean non-member document NLL, to 0.1 nat."""
-    return round(MARGIN_SHARE_OF_NONMEMBER_NLL * nonmember_nll, 1)
+def calibrated_margin(nonmember_nll: float, with_base_model: bool = True) -> float:
+    """`simnpo_delta` of the recommended recipe for a target whose non-members have this mean NLL, to 0.1 nat."""
+    share = MARGIN_SHARE_OF_NONMEMBER_NLL if with_base_model else MARGIN_SHARE_WITHOUT_BASE
+    return round(share * nonmember_nll, 1)
+
+
+def recommended_recipe(nonmember_nll: float, base_model: str | None = None) -> dict:
+    """The recommended recipe for one target: `RECOMMENDED` with its `base_model` and margin, or, without a base
+    model, `RECOMMENDED_WITHOUT_BASE` with its margin."""
+    if base_model:
+        return {**RECOMMENDED, "base_model": base_model, "simnpo_delta": calibrated_margin(nonmember_nll)}
+    return {**RECOMMENDED_WITHOUT_BASE, "simnpo_delta": calibrated_margin(nonmember_nll, with_base_model=False)}
 
 
 def describe(recipe: dict) -> str:

@@ -399,6 +399,28 @@ def test_ranks_with_batches_of_different_lengths_do_not_hang(uneven_workspace, l
     assert len(steps) == 3 and all(math.isfinite(value) for step in steps for value in step.values())
 
 
+@pytest.mark.parametrize(("setting", "peft", "padding_free"), [("ddp", True, False), ("zero3", False, True)],
+                         ids=["ddp-lora", "zero3-full-packed"])
+def test_klb_with_ranks_of_different_batches_does_not_hang(uneven_workspace, launch_env, setting, peft, padding_free):
+    """`klb` adds a forward pass of the base model (replicated, or sharded under ZeRO-3): every process makes it, in
+    the same order, whatever its batch."""
+    if setting.startswith("zero"):
+        assert importlib.util.find_spec("deepspeed"), "DeepSpeed is needed: pip install -e '.[deepspeed]'"
+    name = f"klb_{setting}"
+    run_dir, report_dir = uneven_workspace / name, uneven_workspace / f"report_{name}"
+    arguments = unlearn_arguments(uneven_workspace, run_dir, peft, batch_size=1)
+    terms = arguments.index("--loss_terms")
+    arguments[terms + 1 : terms + 4] = ["simnpo", "klb", "gd"]
+    arguments += ["--base_model", str(uneven_workspace / "target"), "--forget_completion_only_loss", "false",
+                  "--train_sampling_strategy", "sequential", "--padding_free", str(padding_free).lower()]
+    launch(uneven_workspace, launch_env, SETTINGS[setting], [str(report_dir), "unlearn", *arguments],
+           timeout=HANG_TIMEOUT)  # fmt: skip
+
+    steps = logged_steps(run_dir)
+    assert len(steps) == 3 and all(math.isfinite(step["loss_klb"]) for step in steps)
+    assert steps[0]["loss_klb"] == pytest.approx(0.0, abs=1e-4)  # the base is the target: nothing moved yet
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------

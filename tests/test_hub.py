@@ -318,3 +318,6 @@ def test_card_recipe_names_the_winners_settings(tmp_path):
     assert "without a reference model" in TERM_MEANINGS["simnpo"]
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1])
     assert peft_summary(lora)["layers_to_transform"] == [0, 1]
+    klb = recipe_from_config(GNMConfig(output_dir=str(tmp_path), loss_terms=["klb", "gd"], base_model="org/base",
+                                       report_to="none"))
+    assert (klb["klb_weight"], klb["base_model"]) == (1.0, "org/base") and "base model" in TERM_MEANINGS["klb"]

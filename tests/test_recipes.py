@@ -135,15 +135,26 @@ def test_the_tiny_recipe_runs_as_documented(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("folder", ["olmo-7b/semeval25", "olmo-1b/semeval25", "tiny/embedded"])
 def test_every_recommended_recipe_is_the_recommended_loss(folder):
-    """One recommended loss (gnm_trainer.recipes.RECOMMENDED, chosen on validation by the quality benchmark): each
-    model's config_recommended.yaml and `gnm demo --recipe recommended` train it."""
+    """One recommended loss (gnm_trainer.recipes, chosen on validation by the quality benchmark): each model's
+    config_recommended.yaml trains it, with its base model; the tiny target has none (trained from scratch), so its
+    recipe is the one without `klb`, as `gnm demo --recipe recommended` runs it on that target."""
     from gnm_trainer.demo import DemoSettings
-    from gnm_trainer.recipes import RECIPES, RECOMMENDED
+    from gnm_trainer.recipes import RECIPES, RECOMMENDED, RECOMMENDED_WITHOUT_BASE
 
     _, args, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", folder, "config_recommended.yaml"),
                                   "--bf16", "false"])
-    assert {key: getattr(args, key) for key in RECOMMENDED} == RECOMMENDED
+    expected = RECOMMENDED_WITHOUT_BASE if folder.startswith("tiny") else RECOMMENDED
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert bool(args.base_model) is ("klb" in expected["loss_terms"])
     assert RECIPES[DemoSettings(recipe="recommended").recipe] is RECOMMENDED
+
+
+def test_the_recommended_recipe_of_a_target_with_and_without_a_base_model():
+    from gnm_trainer.recipes import RECOMMENDED, RECOMMENDED_WITHOUT_BASE, recommended_recipe
+
+    with_base = recommended_recipe(5.47, "runs/target/pretrained")
+    assert with_base == {**RECOMMENDED, "base_model": "runs/target/pretrained", "simnpo_delta": 5.5}
+    assert recommended_recipe(3.593) == {**RECOMMENDED_WITHOUT_BASE, "simnpo_delta": 3.2}
 
 
 @pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
@@ -162,8 +173,9 @@ def test_a_recipe_is_described_with_its_weights_and_its_other_settings():
     assert describe(whole_text) == "simnpo 1 + gd 1, forget_completion_only_loss=False"
 
 
-def test_the_recommended_margin_is_nine_tenths_of_the_targets_non_member_nll():
+def test_the_recommended_margin_is_the_targets_non_member_nll_or_nine_tenths_of_it_without_klb():
     from gnm_trainer.recipes import calibrated_margin
 
-    assert calibrated_margin(5.52) == 5.0  # the quality benchmark's target: its grid chose δ 5
-    assert calibrated_margin(3.593) == 3.2  # the default target (gnm make-target; recipes/tiny/embedded)
+    assert calibrated_margin(5.47) == 5.5  # the quality benchmark's target: its grid chose δ 5.5 with klb
+    assert calibrated_margin(5.52, with_base_model=False) == 5.0  # and δ 5 without klb (run of b17e659)
+    assert calibrated_margin(3.593, with_base_model=False) == 3.2  # the default target (recipes/tiny/embedded)

@@ -6,7 +6,7 @@ EXAMPLES = """examples:
   gnm demo                              # everything, into ./gnm-demo
   gnm demo --output_dir /tmp/demo --max_steps 100
   gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
-  gnm demo --recipe recommended         # the recommended loss (npo 1 + gd 5 + gnm 1) instead of the paper's
+  gnm demo --recipe recommended         # the recommended loss (docs/results.md) instead of the paper's
 
 It prints a before/after table and the attacks' figures (quantisation and relearning: how much of what was
 removed comes back) and writes report.md, plot.png, attacks.png, results_before.json, results_after.json,
