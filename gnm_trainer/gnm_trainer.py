@@ -280,7 +280,8 @@ class GNMTrainer(Trainer):
                 f"base_model: {args.base_model} predicts over {base.get_output_embeddings().weight.shape[0]} tokens, the "
                 f"model over {model.get_output_embeddings().weight.shape[0]}; klb needs the model it was fine-tuned from"
             )
-        return base.to(model.device).eval()
+        base.requires_grad_(False)
+        return base.eval()  # placed on the device by prepare_reference_model, like the reference copy
 
     @staticmethod
     def _load_tokenizer(processing_class, model):

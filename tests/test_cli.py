@@ -100,8 +100,8 @@ def test_gnm_unlearn_help_shows_our_options_first_and_help_all_shows_everything(
     text = "\n".join(lines)
     first_option = next(number for number, line in enumerate(lines) if line.lstrip().startswith("--data_dir"))
     assert first_option < 40 and len(lines) < 320  # our options only: 302 lines with klb's two
-    for option in ("--loss_terms", "--gnm_weight", "--klb_weight", "--base_model", "--model_name_or_path", "--use_peft", "--lora_r", "--max_steps",
-                   "--output_dir", "--help_all"):
+    for option in ("--loss_terms", "--gnm_weight", "--klb_weight", "--base_model", "--model_name_or_path", "--use_peft",
+                   "--lora_r", "--max_steps", "--output_dir", "--help_all"):
         assert option in text, option
     assert "--lr_scheduler_kwargs" not in text and "--load_in_4bit" not in text
     assert "(default 0.5)" not in text and "0.5. (default: None)" in text  # one default, said once
