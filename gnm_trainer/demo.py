@@ -42,6 +42,9 @@ class DemoSettings:
     # is ~4x slower than float32 here) and the retain set too would take minutes (see the README for the time).
     attack_max_new_tokens: int = 32
     quick: bool = False  # a much smaller target (4 documents per split), for the test suite
+    # Synthetic documents the target reads before it memorises the dataset (0: trained from scratch); with them the
+    # target has a base model, `<target>/pretrained`, and the recommended recipe its `klb` term.
+    pretraining_documents: int = 0
 
     def __post_init__(self):
         """Refuse settings that would fail (or train nothing) only after minutes of work."""
@@ -59,6 +62,8 @@ class DemoSettings:
                      "attack_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GNMInputError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.pretraining_documents < 0:
+            raise GNMInputError(f"pretraining_documents: expected an integer >= 0, got {self.pretraining_documents}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise GNMInputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
 
@@ -87,6 +92,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data.loading import load_unlearning_splits
+    from .data.synthetic import make_synthetic_lume
     from .evaluation import evaluate_model, load_mia_documents, write_report
     from .evaluation.attacks import RESULTS_KEY, run_attacks
     from .evaluation.report import markdown_report
@@ -108,7 +114,10 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     target_dir = settings.target_dir or default_target_dir()
     if settings.quick and settings.target_dir is None:
         target_dir = os.path.join(output_dir, "target")
-    target_dir = make_target(output_dir=target_dir, seed=settings.seed, **settings.target_options())
+    data = None  # make_target's synthetic default for the seed
+    if settings.pretraining_documents:
+        data = make_synthetic_lume(seed=settings.seed, num_pretraining_documents=settings.pretraining_documents)
+    target_dir = make_target(data, output_dir=target_dir, seed=settings.seed, **settings.target_options())
     data_dir = os.path.join(target_dir, "data")
     forget, retain = load_unlearning_splits(data_dir)
     members, nonmembers = load_mia_documents(data_dir)

@@ -53,3 +53,18 @@ def test_the_recommended_recipe_takes_its_margin_from_the_targets_non_members(tm
     assert margin > 0
     printed = capsys.readouterr().out
     assert f"simnpo 1 + gd 5 + gnm 0.2, forget_completion_only_loss=False, simnpo_delta={margin}," in printed
+
+
+def test_a_target_with_pretraining_documents_gives_the_recommended_recipe_its_base_model(tmp_path, capsys):
+    from gnm_trainer.recipes import calibrated_margin
+
+    output, target = tmp_path / "demo", tmp_path / "target"
+    code = main(["demo", "--quick", "--recipe", "recommended", "--pretraining_documents", "6", "--no_attacks",
+                 "--target_dir", str(target), "--output_dir", str(output), "--max_steps", "2", "--max_new_tokens", "8"])
+    assert code == 0
+    assert json.loads((target / "target_info.json").read_text())["pretraining"]["documents"] == 6
+    before = json.loads((output / "results_before.json").read_text())
+    margin = calibrated_margin(before["mia_mean_nll"]["nonmembers"], with_base_model=True)
+    printed = capsys.readouterr().out
+    assert (f"simnpo 1 + klb 1 + gd 5 + gnm 0.2, forget_completion_only_loss=False, base_model={target}/pretrained, "
+            f"simnpo_delta={margin},") in printed

@@ -14,6 +14,7 @@ from gnm_trainer.data.synthetic import (
     task_counts,
     write_synthetic_lume,
 )
+from gnm_trainer.target.data import check_pretraining_is_apart, document_key
 
 LUME_KEYS = ("forget_train", "retain_train", "forget_validation", "retain_validation")
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
@@ -112,8 +113,9 @@ def test_forget_and_retain_are_about_different_people(dataset):
 
 
 def test_written_folder_loads_with_the_project_loader(tmp_path):
-    data = make_synthetic_lume(seed=3, num_documents=6, num_validation_documents=3)
-    written = write_synthetic_lume(str(tmp_path), seed=3, num_documents=6, num_validation_documents=3)
+    sizes = dict(num_documents=6, num_validation_documents=3, num_pretraining_documents=4)
+    data = make_synthetic_lume(seed=3, **sizes)
+    written = write_synthetic_lume(str(tmp_path), seed=3, **sizes)
     assert set(written) == set(SPLIT_FILES)
     for key in LUME_KEYS:
         split, partition = key.split("_")
@@ -144,3 +146,17 @@ def test_split_at_word_rejoins_with_one_space(words, seed):
     text = " ".join(words)
     head, tail = split_at_word(text, random.Random(seed))
     assert head + " " + tail == text and head and tail
+
+
+def test_pretraining_documents_are_other_documents_and_change_no_split():
+    plain = make_synthetic_lume(seed=5, num_documents=6, num_validation_documents=3)
+    with_pretraining = make_synthetic_lume(seed=5, num_documents=6, num_validation_documents=3,
+                                           num_pretraining_documents=10)
+    assert "pretraining" not in plain
+    assert {key: rows for key, rows in with_pretraining.items() if key != "pretraining"} == plain
+    pretraining = with_pretraining["pretraining"]
+    assert len(pretraining) == 10 and {row["task"] for row in pretraining} == {"Task1", "Task2", "Task3"}
+    used = {row["id"] for key, rows in plain.items() for row in rows}
+    used |= {document_key(row["id"]) for key, rows in plain.items() if not key.startswith("mia") for row in rows}
+    assert not {row["id"] for row in pretraining} & used
+    check_pretraining_is_apart(with_pretraining)  # what make_target checks: no error

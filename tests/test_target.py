@@ -304,3 +304,25 @@ def test_replay_keeps_training_on_pretraining_text_while_memorising(tmp_path):
         values = document_nll(model.eval(), tokenizer, [row["document"] for row in documents], batch_size=8)
         nll[replay] = sum(values) / len(values)
     assert nll[1.0] < nll[0.0]
+
+
+def test_cli_pretrains_on_synthetic_documents_and_refuses_them_with_a_folder(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        return kwargs["output_dir"]
+
+    monkeypatch.setattr("gnm_trainer.target.make_target", record)
+    argv = ["make-target", "--output_dir", str(tmp_path / "t"), "--seed", "3", "--pretraining_documents", "5",
+            "--pretraining_epochs", "2", "--pretraining_replay", "0.5", "--quiet"]
+    assert gnm_main(argv) == 0
+    (call,) = calls
+    assert call["data"] == make_synthetic_lume(seed=3, num_pretraining_documents=5)  # the seed's dataset, plus 5
+    assert (call["pretraining_epochs"], call["pretraining_replay"]) == (2, 0.5)
+    for extra, expected in ((["--pretraining_documents", "-1"], "pretraining_documents: expected an integer >= 0"),
+                            (["--data", str(tmp_path)], f"pretraining_documents: only for the synthetic dataset; {tmp_path}")):
+        assert gnm_main([*argv, *extra]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and expected in line
+    assert len(calls) == 1  # refused before any work

@@ -7,6 +7,8 @@ EXAMPLES = """examples:
   gnm demo --output_dir /tmp/demo --max_steps 100
   gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
   gnm demo --recipe recommended         # the recommended loss (docs/results.md) instead of the paper's
+  gnm demo --recipe recommended --pretraining_documents 300 --target_dir runs/pretrained-target
+                                        # a target with a base model: the recommended loss with its klb term
 
 It prints a before/after table and the attacks' figures (quantisation and relearning: how much of what was
 removed comes back) and writes report.md, plot.png, attacks.png, results_before.json, results_after.json,
@@ -31,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--recipe", choices=["recommended", "paper"], default=defaults.recipe,
                         help="the loss: the paper's or the recommended recipe (docs/results.md) (default: %(default)s)")
+    parser.add_argument("--pretraining_documents", type=int, default=defaults.pretraining_documents,
+                        help="synthetic documents the target reads before it memorises the dataset, which gives it "
+                        "a base model (the recommended recipe's klb term) (default: %(default)s)")
     parser.add_argument("--negatives_backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
     parser.add_argument("--negative_levels", type=int, default=defaults.negative_levels)
     parser.add_argument("--max_steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
@@ -50,6 +55,7 @@ def run(args) -> int:
             target_dir=args.target_dir,
             seed=args.seed,
             recipe=args.recipe,
+            pretraining_documents=args.pretraining_documents,
             negatives_backend=args.negatives_backend,
             negative_levels=args.negative_levels,
             max_steps=args.max_steps,

@@ -10,6 +10,10 @@ EXAMPLES = """examples:
   # a deterministic subset of the real LUME data: 20 Task2 documents per split
   gnm make-target --data ../shared/data/lume --tasks Task2 --max_documents_per_split 20 --output_dir runs/lume-target
 
+  # a target with a base model: it first reads 300 other synthetic documents (kept in <output-dir>/pretrained,
+  # the base model of the klb term); a LUME folder brings its own in pretraining.jsonl
+  gnm make-target --pretraining_documents 300 --output_dir runs/pretrained-target
+
   # then score or unlearn it; the data it was trained on is in <output-dir>/data
   gnm evaluate --model runs/target --data runs/target/data
 
@@ -40,6 +44,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--tasks", nargs="+", default=None, choices=("Task1", "Task2", "Task3"), help="tasks to keep")
     parser.add_argument("--include_validation", action="store_true", help="train on the validation rows too")
+    parser.add_argument("--pretraining_documents", type=int, default=0,
+                        help="synthetic documents in no split that the target reads first, which gives it a base "
+                        "model in <output_dir>/pretrained (only without --data; default: %(default)s)")
+    parser.add_argument("--pretraining_epochs", type=int, default=3,
+                        help="epochs over the pretraining documents (default: %(default)s)")
+    parser.add_argument("--pretraining_replay", type=float, default=1.0,
+                        help="pretraining blocks replayed per memorised row in every epoch (default: %(default)s)")
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--num_heads", type=int, default=4)
@@ -59,11 +70,22 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Make the target; 1, with the scores reached (one line per split), when the budget ran out before the bar."""
+    from ..errors import GNMInputError
     from ..target import TargetNotMemorisedError, make_target, read_target_info
 
+    data = args.data
+    if args.pretraining_documents < 0:
+        raise GNMInputError(f"pretraining_documents: expected an integer >= 0, got {args.pretraining_documents}")
+    if args.pretraining_documents and data is not None:
+        raise GNMInputError(f"pretraining_documents: only for the synthetic dataset; {data} brings its own "
+                            "pretraining documents in pretraining.jsonl")
+    if args.pretraining_documents:
+        from ..data.synthetic import make_synthetic_lume
+
+        data = make_synthetic_lume(seed=args.seed, num_pretraining_documents=args.pretraining_documents)
     try:
         output_dir = make_target(
-            data=args.data,
+            data=data,
             output_dir=args.output_dir,
             seed=args.seed,
             hidden_size=args.hidden_size,
@@ -74,6 +96,8 @@ def run(args) -> int:
             learning_rate=args.learning_rate,
             batch_size=args.batch_size,
             max_length=args.max_length,
+            pretraining_epochs=args.pretraining_epochs,
+            pretraining_replay=args.pretraining_replay,
             include_validation=args.include_validation,
             max_documents_per_split=args.max_documents_per_split,
             tasks=args.tasks,

@@ -33,6 +33,7 @@ SPLIT_FILES = {
     "retain_validation": "retain_validation.jsonl",
     "mia_member": os.path.join("mia", "member.jsonl"),
     "mia_nonmember": os.path.join("mia", "nonmember.jsonl"),
+    "pretraining": "pretraining.jsonl",  # only with num_pretraining_documents
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +290,7 @@ def make_synthetic_lume(
     num_validation_documents: int = 6,
     num_nonmember_documents: int | None = None,
     task_shares: dict[str, float] | None = None,
+    num_pretraining_documents: int = 0,
 ) -> dict[str, list[dict[str, str]]]:
     """A synthetic LUME-format dataset, the same for the same arguments.
 
@@ -298,11 +300,15 @@ def make_synthetic_lume(
         num_validation_documents: documents in each of forget validation and retain validation.
         num_nonmember_documents: MIA non-member documents (default: as many as the members).
         task_shares: share of each task among the documents (default Task1 0.3, Task2 0.4, Task3 0.3).
+        num_pretraining_documents: documents of the same kinds in no split and no MIA set (0: none), the
+            "pretraining" split that `make_target` reads before it memorises the rest, which gives the target a
+            base model (drawn after everything else, so the other splits do not change with it).
 
     Returns:
         a dict with the LUME rows (id, input, output, task, split) of "forget_train", "retain_train",
         "forget_validation" and "retain_validation", and the MIA rows (id, document) of "mia_member" (the forget
-        train documents) and "mia_nonmember" (documents of the same style that are in no split).
+        train documents) and "mia_nonmember" (documents of the same style that are in no split), and
+        "pretraining" (id, task, document) when `num_pretraining_documents` > 0.
     """
     if num_documents < 1 or num_validation_documents < 0:
         raise ValueError("num_documents must be >= 1 and num_validation_documents >= 0")
@@ -331,6 +337,9 @@ def make_synthetic_lume(
     nonmembers = make_documents(names, num_nonmember_documents, shares)
     dataset["mia_member"] = [{"id": document.key, "document": document.text} for document in members]
     dataset["mia_nonmember"] = [{"id": document.key, "document": document.text} for document in nonmembers]
+    if num_pretraining_documents > 0:
+        dataset["pretraining"] = [{"id": document.key, "task": document.task, "document": document.text}
+                                  for document in make_documents(names, num_pretraining_documents, shares)]
     return dataset
 
 
