@@ -25,7 +25,8 @@ RECOMMENDED_WITHOUT_BASE = {"loss_terms": ["simnpo", "gd", "gnm"], "simnpo_weigh
                             "gnm_weight": 0.2, "forget_completion_only_loss": False}
 RECIPES = {"recommended": RECOMMENDED, "paper": PAPER}
 # SimNPO's margin as a share of the target's mean non-member NLL. With `klb` the benchmark chose δ 5.5 among 5, 5.5
-# and 6 for a target whose non-members sit at 5.47 nats; without it, δ 5 among 3, 4 and 5 for one at 5.52.
+# and 6 for a target whose non-members sit at 5.47 nats (run of 6cc8592) and δ 6 for one at 5.72 (run of ff67205):
+# the nearest grid point at or just above them; without it, δ 5 among 3, 4 and 5 for one at 5.52.
 MARGIN_SHARE_OF_NONMEMBER_NLL = 1.0
 MARGIN_SHARE_WITHOUT_BASE = 0.9
 
