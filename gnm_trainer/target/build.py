@@ -186,7 +186,9 @@ def make_target(
     with atomic_directory(output_dir) as building:
         model.save_pretrained(building)
         tokenizer.save_pretrained(building)
-        write_lume_folder(dataset, os.path.join(building, DATA_SUBDIR))
+        # The rows it memorised and the MIA documents; not the pretraining text (the base model's, not the benchmark's).
+        benchmark = {key: rows for key, rows in dataset.items() if key != PRETRAINING_SPLIT}
+        write_lume_folder(benchmark, os.path.join(building, DATA_SUBDIR))
         if pretrained is not None:
             pretrained.save_pretrained(os.path.join(building, PRETRAINED_SUBDIR))
             tokenizer.save_pretrained(os.path.join(building, PRETRAINED_SUBDIR))
