@@ -1,14 +1,15 @@
 """The main job on the embedded default: target → gradual negatives → GNM unlearning → evaluation before and after.
 
-Everything runs offline on CPU: the target is the tiny Llama that `make_target` trains (and caches) to memorise the
-synthetic LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small
-to write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
-the paper's loss recipe (`ga` 0.5, `klr` 5, `gnm` 0.04; `recipe="recommended"` takes `gnm_trainer.recipes.
-recommended_recipe`, with SimNPO's margin calibrated on the target's non-members measured in step 2: the demo's
-target is trained from scratch and has no base model, so it is the recipe without `klb`) with LoRA on all linear
-layers. Last, the attacks of
-`evaluation.attacks` (8-/4-bit quantisation, relearning on half the forget documents) measure how much of what was
-removed comes back, against the target's scores from step 2.
+Everything runs offline on CPU: the target is the tiny Llama that `make_target` trains (and caches): it first reads
+300 other synthetic documents (its base model, kept in `<target>/pretrained`), then memorises the synthetic
+LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small to
+write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
+the recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with its margin at the non-members' NLL
+measured in step 2, `klb` towards the base model, `gd` 5 and `gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5,
+`klr` 5, `gnm` 0.04; without pretraining documents there is no base model and the recommended recipe goes without
+`klb`) with LoRA on all linear layers. Last, the attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning
+on half the forget documents) measure how much of what was removed comes back, against the target's scores from
+step 2.
 """
 
 import json
@@ -26,9 +27,9 @@ class DemoSettings:
     output_dir: str = "gnm-demo"
     target_dir: str | None = None  # None: the shared cache (see gnm_trainer.target.default_target_dir)
     seed: int = 0
-    # A name of gnm_trainer.recipes.RECIPES. The paper's stays the default: on this target the recommended one
-    # scored final 0.400 against 0.818 (docs/results.md, "Which recipe to use").
-    recipe: str = "paper"
+    # A name of gnm_trainer.recipes.RECIPES: the recommended one (the quality benchmark's winner, docs/results.md),
+    # with `klb` towards the target's base model (see pretraining_documents).
+    recipe: str = "recommended"
     negatives_backend: str = "perturb"
     negative_levels: int = 4
     max_steps: int = 90
@@ -44,7 +45,7 @@ class DemoSettings:
     quick: bool = False  # a much smaller target (4 documents per split), for the test suite
     # Synthetic documents the target reads before it memorises the dataset (0: trained from scratch); with them the
     # target has a base model, `<target>/pretrained`, and the recommended recipe its `klb` term.
-    pretraining_documents: int = 0
+    pretraining_documents: int = 300
 
     def __post_init__(self):
         """Refuse settings that would fail (or train nothing) only after minutes of work."""

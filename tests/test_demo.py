@@ -41,11 +41,11 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
 
 
 def test_the_recommended_recipe_takes_its_margin_from_the_targets_non_members(tmp_path, capsys):
-    """The demo's target has no base model (nothing to pretrain on): the recommended recipe without `klb`."""
+    """A target trained from scratch has no base model (nothing to pretrain on): the recommended recipe without `klb`."""
     from gnm_trainer.recipes import calibrated_margin
 
     output = tmp_path / "demo"
-    code = main(["demo", "--quick", "--recipe", "recommended", "--no_attacks", "--output_dir", str(output),
+    code = main(["demo", "--quick", "--pretraining_documents", "0", "--no_attacks", "--output_dir", str(output),
                  "--max_steps", "2", "--max_new_tokens", "8"])
     assert code == 0
     before = json.loads((output / "results_before.json").read_text())
@@ -59,7 +59,7 @@ def test_a_target_with_pretraining_documents_gives_the_recommended_recipe_its_ba
     from gnm_trainer.recipes import calibrated_margin
 
     output, target = tmp_path / "demo", tmp_path / "target"
-    code = main(["demo", "--quick", "--recipe", "recommended", "--pretraining_documents", "6", "--no_attacks",
+    code = main(["demo", "--quick", "--pretraining_documents", "6", "--no_attacks",
                  "--target_dir", str(target), "--output_dir", str(output), "--max_steps", "2", "--max_new_tokens", "8"])
     assert code == 0
     assert json.loads((target / "target_info.json").read_text())["pretraining"]["documents"] == 6

@@ -6,9 +6,10 @@ EXAMPLES = """examples:
   gnm demo                              # everything, into ./gnm-demo
   gnm demo --output_dir /tmp/demo --max_steps 100
   gnm demo --negatives_backend llm      # negatives written by prompting the tiny target itself
-  gnm demo --recipe recommended         # the recommended loss (docs/results.md) instead of the paper's
-  gnm demo --recipe recommended --pretraining_documents 300 --target_dir runs/pretrained-target
-                                        # a target with a base model: the recommended loss with its klb term
+  gnm demo --recipe paper               # the paper's loss instead of the recommended one (docs/results.md)
+  gnm demo --pretraining_documents 0 --target_dir runs/scratch-target
+                                        # a target trained from scratch: no base model, the recommended loss
+                                        # without its klb term
 
 It prints a before/after table and the attacks' figures (quantisation and relearning: how much of what was
 removed comes back) and writes report.md, plot.png, attacks.png, results_before.json, results_after.json,
