@@ -310,8 +310,8 @@ def make_synthetic_lume(
         train documents) and "mia_nonmember" (documents of the same style that are in no split), and
         "pretraining" (id, task, document) when `num_pretraining_documents` > 0.
     """
-    if num_documents < 1 or num_validation_documents < 0:
-        raise ValueError("num_documents must be >= 1 and num_validation_documents >= 0")
+    if num_documents < 1 or num_validation_documents < 0 or num_pretraining_documents < 0:
+        raise ValueError("num_documents must be >= 1, num_validation_documents and num_pretraining_documents >= 0")
     shares = dict(task_shares or DEFAULT_TASK_SHARES)
     unknown = set(shares) - set(TASKS)
     if unknown:
