@@ -93,7 +93,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data.loading import load_unlearning_splits
-    from .data.synthetic import make_synthetic_lume
+    from .data.synthetic import synthetic_target_data
     from .evaluation import evaluate_model, load_mia_documents, write_report
     from .evaluation.attacks import RESULTS_KEY, run_attacks
     from .evaluation.report import markdown_report
@@ -115,9 +115,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     target_dir = settings.target_dir or default_target_dir()
     if settings.quick and settings.target_dir is None:
         target_dir = os.path.join(output_dir, "target")
-    data = None  # make_target's synthetic default for the seed
-    if settings.pretraining_documents:
-        data = make_synthetic_lume(seed=settings.seed, num_pretraining_documents=settings.pretraining_documents)
+    data = synthetic_target_data(settings.seed, settings.pretraining_documents)
     target_dir = make_target(data, output_dir=target_dir, seed=settings.seed, **settings.target_options())
     data_dir = os.path.join(target_dir, "data")
     forget, retain = load_unlearning_splits(data_dir)

@@ -13,7 +13,7 @@ Two settings depend on the target, and `recommended_recipe` fills them:
   documents it never read (`gnm evaluate` prints it as "MIA mean document NLL: ... non-members"; `mia_mean_nll` in
   its results): the membership attack compares the two.
 
-A target without a base model (trained from scratch, as `gnm demo`'s) gets `RECOMMENDED_WITHOUT_BASE`: the same
+A target without a base model (trained from scratch, as `gnm demo --pretraining_documents 0`'s) gets `RECOMMENDED_WITHOUT_BASE`: the same
 recipe without `klb`, the benchmark's choice before `klb` existed, with its margin a little below the non-members.
 The recipes `recipes/*/*/config_recommended.yaml` and `gnm demo --recipe recommended` use them; tests keep them equal.
 """

@@ -73,16 +73,14 @@ def run(args) -> int:
     from ..errors import GNMInputError
     from ..target import TargetNotMemorisedError, make_target, read_target_info
 
-    data = args.data
+    from ..data.synthetic import synthetic_target_data
+
     if args.pretraining_documents < 0:
         raise GNMInputError(f"pretraining_documents: expected an integer >= 0, got {args.pretraining_documents}")
-    if args.pretraining_documents and data is not None:
-        raise GNMInputError(f"pretraining_documents: only for the synthetic dataset; {data} brings its own "
+    if args.pretraining_documents and args.data is not None:
+        raise GNMInputError(f"pretraining_documents: only for the synthetic dataset; {args.data} brings its own "
                             "pretraining documents in pretraining.jsonl")
-    if args.pretraining_documents:
-        from ..data.synthetic import make_synthetic_lume
-
-        data = make_synthetic_lume(seed=args.seed, num_pretraining_documents=args.pretraining_documents)
+    data = args.data if args.data is not None else synthetic_target_data(args.seed, args.pretraining_documents)
     try:
         output_dir = make_target(
             data=data,

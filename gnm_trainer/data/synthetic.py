@@ -343,6 +343,14 @@ def make_synthetic_lume(
     return dataset
 
 
+def synthetic_target_data(seed: int, pretraining_documents: int) -> dict[str, list[dict[str, str]]] | None:
+    """What `make_target` is given for the synthetic default: None (its own default for `seed`) without
+    pretraining documents, else that dataset with `pretraining_documents` of them (a target with a base model)."""
+    if not pretraining_documents:
+        return None
+    return make_synthetic_lume(seed=seed, num_pretraining_documents=pretraining_documents)
+
+
 def write_lume_folder(dataset: dict[str, list[dict]], output_dir: str) -> dict[str, str]:
     """Write a dataset shaped like `make_synthetic_lume`'s output as a LUME folder (atomic writes); returns the
     paths written, by key. Keys that are absent or empty are skipped."""
