@@ -313,8 +313,10 @@ def validation_members(data_dir: str) -> list[str]:
 
 
 def documents_for_evaluation(data_dir: str, preset: Preset, partition: str = "train") -> dict[str, list[str]]:
-    """MIA members and the non-members the attack uses, and (train) disjoint held-out documents for the utility
-    proxy. Validation runs are attacked with the validation members and non-members no train figure uses."""
+    """MIA members and the non-members the attack uses, (train) disjoint held-out documents for the utility proxy,
+    and the reference documents a run may compare its members with while it trains (`keep_best_membership`): on
+    train, the validation attack's non-members, which no train figure uses. Validation runs are attacked with the
+    validation members and non-members no train figure uses."""
     from gnm_trainer.evaluation import load_mia_documents
 
     members, nonmembers = load_mia_documents(data_dir)
@@ -323,7 +325,8 @@ def documents_for_evaluation(data_dir: str, preset: Preset, partition: str = "tr
         return {"members": validation_members(data_dir),
                 "nonmembers": nonmembers[heldout_end : heldout_end + preset.mia_nonmembers], "heldout": []}
     return {"members": members, "nonmembers": nonmembers[: preset.mia_nonmembers],
-            "heldout": nonmembers[preset.mia_nonmembers : heldout_end]}
+            "heldout": nonmembers[preset.mia_nonmembers : heldout_end],
+            "reference": nonmembers[heldout_end : heldout_end + preset.mia_nonmembers]}
 
 
 def build_negative_sets(preset: Preset, workspace: Workspace, backends: set[str]) -> dict[str, dict]:
@@ -374,6 +377,9 @@ class Job:
     max_steps: int
     eval_every: int
     save_adapter: bool = False
+    # (first step, every): keep the step at which the forget documents look most like unseen text
+    # (`MembershipCallback`), scored from the first step on; None: the last step is the model
+    keep_best_membership: tuple[int, int] | None = None
 
 
 # Preset fields that do not change what one job computes: editing them keeps the cache.
@@ -455,10 +461,13 @@ def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, th
                 measure(model, state.global_step)
 
     scratch = os.path.join(workspace.output, "scratch", job.name)
-    losses = []
+    losses, kept = [], None
     if job.method.merged:
         model = merged_model(job, preset, workspace, tokenizer, scratch)
         measure(model, job.max_steps)
+    elif job.keep_best_membership:
+        model, losses, kept = unlearn_keeping_best_membership(job, preset, workspace, tokenizer, documents, scratch)
+        measure(model, kept["step"])
     else:
         model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
         trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
@@ -473,10 +482,37 @@ def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, th
         "loss_terms": list(job.method.loss_terms), "weights": dict(job.method.weights),
         "options": dict(job.method.options), "max_steps": job.max_steps,
         "fingerprint": fingerprint, "curve": curve, "log_history": losses,
+        **({"kept_step": kept["step"], "membership": kept["membership"]} if kept else {}),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(workspace.job_path(job.name), record)
     return record
+
+
+def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspace, tokenizer, documents: dict,
+                                    scratch: str):
+    """Unlearn for `job.max_steps`, scoring the MIA members against the reference documents from the window's first
+    step on (`MembershipCallback`), and load the best step back; `(model, loss log, kept)` where `kept` has the
+    kept step and every scored step's figures."""
+    from transformers import AutoModelForCausalLM
+
+    from gnm_trainer.cli.best_on_validation import keep_best_step
+    from gnm_trainer.evaluation.membership import LOG_PREFIX, MembershipCallback
+
+    start_step, every = job.keep_best_membership
+    membership = MembershipCallback(documents["members"], documents["reference"], eval_steps=every,
+                                    start_step=start_step, tokenizer=tokenizer, batch_size=preset.eval_batch_size)
+    model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
+    trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
+                      preset, workspace, scratch, callbacks=[membership])
+    kept = keep_best_step(trainer, membership, record_as="best_on_membership", what="on membership")
+    history = trainer.state.log_history
+    scored = [{"step": entry["step"], **{key.removeprefix(LOG_PREFIX): value for key, value in entry.items()
+                                         if key.startswith(LOG_PREFIX)}}
+              for entry in history if f"{LOG_PREFIX}mia_score" in entry]
+    print(f"[quality] {job.name}: kept step {kept['step']} of {job.max_steps} (membership MIA score "
+          f"{kept['value']:.3f})", flush=True)
+    return trainer.model, [entry for entry in history if "loss" in entry], {"step": kept["step"], "membership": scored}
 
 
 def merged_model(job: Job, preset: Preset, workspace: Workspace, tokenizer, scratch: str):
@@ -614,9 +650,35 @@ def in_train_steps(validation_steps: int, rows: dict[str, int]) -> int:
     return max(1, round(validation_steps * rows["forget_train"] / rows["forget_validation"]))
 
 
-def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], rows: dict[str, int]) -> list[Job]:
+# The recommended recipe keeps, in each run, the step at which its forget documents look most like unseen text,
+# between these shares of the length chosen on validation, scored this many times per chosen length. At a fixed step
+# the MIA score moved with the seed (0.62 to 0.95 in the run of ff67205) and between two validation evaluations 21
+# steps apart (0.79 -> 1.00 -> 0.51): the step that validation chose lands the members near the non-members on
+# average, not in every run.
+MEMBERSHIP_WINDOW = (2 / 3, 4 / 3)
+MEMBERSHIP_EVALUATIONS_PER_LENGTH = 12
+
+
+def recommended_row(method_name: str) -> str:
+    return f"Recommended ({method_name}, step kept on membership)"
+
+
+def recommended_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int]) -> list[Job]:
+    """The recommended recipe on the train rows: `method`'s choice on validation, trained up to the window's end,
+    keeping the step (in the window) whose members the reference documents tell apart the least."""
+    variant = replace(chosen_variant(method, choice, preset), name=recommended_row(method.name))
+    steps = in_train_steps(choice["step"], rows)
+    first, last = (max(1, round(share * steps)) for share in MEMBERSHIP_WINDOW)
+    every = max(1, round(steps / MEMBERSHIP_EVALUATIONS_PER_LENGTH))
+    return [Job(f"recommended_seed{seed}", variant, seed, "train", last, last, save_adapter=seed in preset.attack_seeds,
+                keep_best_membership=(first, every)) for seed in preset.seeds]
+
+
+def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], rows: dict[str, int],
+               recommended: str | None = None) -> list[Job]:
     """Every method x seed on the train rows, as many epochs as its choice on validation; seeds in `curve_seeds`
-    evaluated at the train steps of the validation evaluations too."""
+    evaluated at the train steps of the validation evaluations too. With `recommended` (a method's name), its
+    recipe as well (`recommended_jobs`)."""
     jobs = []
     for method in methods:
         choice = choices[method.name]
@@ -626,6 +688,8 @@ def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], 
             eval_every = in_train_steps(preset.eval_every, rows) if seed in preset.curve_seeds else steps
             jobs.append(Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", steps, eval_every,
                             save_adapter=seed in preset.attack_seeds))
+        if method.name == recommended:
+            jobs += recommended_jobs(preset, method, choice, rows)
     return jobs
 
 
@@ -784,14 +848,14 @@ def main(argv=None) -> dict:
         print(f"[quality] {name}: chosen on validation {choice['weights']} at step {choice['step']} "
               f"(validation final {choice['final']:.3f})", flush=True)
     stage_done("validation runs")
-    records, ran_train = run_jobs(train_jobs(preset, methods, choices, target_info["rows"]), preset, workspace,
-                                  target_info["fingerprint"], args.workers, threads)
+    candidates = {method.name: choices[method.name] for method in methods if not method.ablation}
+    recommended = recommend(candidates or choices)
+    records, ran_train = run_jobs(train_jobs(preset, methods, choices, target_info["rows"], recommended), preset,
+                                  workspace, target_info["fingerprint"], args.workers, threads)
     stage_done("comparison runs")
     attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["attack_rows"], args.workers, threads)
     stage_done("attacks")
 
-    candidates = {method.name: choices[method.name] for method in methods if not method.ablation}
-    recommended = recommend(candidates or choices)
     run_info = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "preset_settings": asdict(preset), "data": data_source,
@@ -801,8 +865,9 @@ def main(argv=None) -> dict:
         "target": {key: target_info.get(key) for key in ("parameters", "rows", "epochs", "memorised", "memorisation",
                                                          "wall_time_s", "config", "pretraining")},
         "target_report": before["target_report"], "negatives": negatives,
-        "choices": choices, "recommended": {"method": recommended, **{k: v for k, v in choices[recommended].items()
-                                                                       if k != "table"}},
+        "choices": choices, "recommended": {"method": recommended, "row": recommended_row(recommended),
+                                            "membership_window": MEMBERSHIP_WINDOW,
+                                            **{k: v for k, v in choices[recommended].items() if k != "table"}},
         "threads_per_worker": threads, "workers": args.workers, "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "stage_seconds": stage_seconds, "wall_seconds": round(time.perf_counter() - wall_start, 1),

@@ -128,6 +128,13 @@ def attack_figure(attacks: dict[str, dict], method: str, attack: str, key: str) 
     return ((figures.get(key) or {}).get("overall") or {}).get("mean")
 
 
+def steps_cell(runs: Sequence[dict]) -> str:
+    """The steps of a method's runs: their length, or for runs that kept a step on membership, each kept step."""
+    if "kept_step" not in runs[0]:
+        return str(runs[0]["max_steps"])
+    return f"{', '.join(str(run['kept_step']) for run in runs)} of {runs[0]['max_steps']}"
+
+
 def main_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, dict], attack_names) -> str:
     attack_header = "".join(f" {name} recovery ↓ |" for name in attack_names)
     header = ("| method | steps | " + " | ".join(name for name, _ in MAIN_COLUMNS) + " | collapsed runs |"
@@ -142,7 +149,7 @@ def main_table(before: dict, grouped: dict[str, list[dict]], attacks: dict[str, 
         collapsed = sum(final["collapsed"] for final in finals)
         values = " | ".join(cell([final[key] for final in finals]) for _, key in MAIN_COLUMNS)
         recovered = "".join(f" {_fmt(attack_figure(attacks, method, name, 'recovery'))} |" for name in attack_names)
-        lines.append(f"| {method} | {runs[0]['max_steps']} | {values} | {collapsed}/{len(finals)} |{recovered}")
+        lines.append(f"| {method} | {steps_cell(runs)} | {values} | {collapsed}/{len(finals)} |{recovered}")
     return "\n".join(lines)
 
 
@@ -187,7 +194,9 @@ def task_table(before: dict, grouped: dict[str, list[dict]]) -> str:
 
 
 def curve_table(before: dict, grouped: dict[str, list[dict]], key: str = "hm12") -> str:
-    """`key` at every evaluated step (mean ± sd over the runs evaluated there)."""
+    """`key` at every evaluated step (mean ± sd over the runs evaluated there); runs that kept a step on membership
+    are scored at that step only and are left out (`membership_table`)."""
+    grouped = {method: runs for method, runs in grouped.items() if "kept_step" not in runs[0]}
     steps = sorted({point["step"] for runs in grouped.values() for run in runs for point in run["curve"]})
     lines = ["| method | step 0 | " + " | ".join(f"step {step}" for step in steps) + " |",
              "|" + "---|" * (len(steps) + 2)]
@@ -197,6 +206,26 @@ def curve_table(before: dict, grouped: dict[str, list[dict]], key: str = "hm12")
             row.append(cell([point[key] for run in runs for point in run["curve"] if point["step"] == step]))
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def membership_table(grouped: dict[str, list[dict]]) -> str:
+    """For runs that kept a step on membership: the MIA score of the members against the reference documents at
+    every scored step (the kept one in bold), and the attack's MIA score at the kept step."""
+    lines = []
+    for method, runs in grouped.items():
+        if "kept_step" not in runs[0]:
+            continue
+        steps = sorted({point["step"] for run in runs for point in run["membership"]})
+        lines += [f"{method}:", "", "| seed | " + " | ".join(f"step {step}" for step in steps)
+                  + " | kept | attack MIA score at the kept step |", "|" + "---|" * (len(steps) + 3)]
+        for run in runs:
+            scores = {point["step"]: point["mia_score"] for point in run["membership"]}
+            cells = [(f"**{_fmt(scores[step])}**" if step == run["kept_step"] else _fmt(scores[step]))
+                     if step in scores else "n/a" for step in steps]
+            lines.append(f"| {run['seed']} | " + " | ".join(cells)
+                         + f" | {run['kept_step']} | {_fmt(run['curve'][-1]['mia_score'])} |")
+        lines.append("")
+    return "\n".join(lines) or "No run kept a step on membership."
 
 
 def _fmt(value) -> str:
@@ -267,13 +296,10 @@ def plot_tradeoff(path: str, before: dict, grouped: dict[str, list[dict]]) -> No
 def write_summary(output: str, before: dict, records: Sequence[dict], attack_records: Sequence[dict],
                   run_info: dict) -> dict:
     """`summary.md`, `summary.json` and `tradeoff.png` in `output`; returns the summary dict. The recommended
-    method's runs appear twice: under their own name and as the `Recommended` row."""
+    recipe's runs are its own row (`run_info["recommended"]["row"]`)."""
     grouped = by_method(records)
     recommended = run_info["recommended"]["method"]
-    grouped[f"Recommended (= {recommended})"] = grouped[recommended]
     attacks = {record["method"]: record["attacks"] for record in attack_records}
-    if recommended in attacks:
-        attacks[f"Recommended (= {recommended})"] = attacks[recommended]
     attack_names = run_info["preset_settings"]["attacks"]
     run_info = {**run_info, "job_wall_seconds_total": round(sum(record["wall_seconds"] for record in records), 1)}
     comparison = qa_rouge_comparison({name: runs for name, runs in grouped.items() if not name.startswith("Recomm")})
@@ -321,6 +347,10 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
 
 {curve_table(before, grouped, "mia_score")}
 
+## Steps kept on membership (MIA score of the members against the reference documents)
+
+{membership_table(grouped)}
+
 ## QA ROUGE-L gap (retain − forget, higher is better)
 
 | method | gap |
@@ -339,7 +369,10 @@ A point is eligible when it did not collapse and keeps 90% of the target's retai
 method keeps its best eligible point (when it has none: its best point that did not collapse, else its best).
 
 Recommended (the best eligible choice): {recommended} ({'+'.join(run_info['recommended']['loss_terms'])}, \
-{json.dumps(run_info['recommended']['weights'])}, {run_info['recommended']['step']} steps).
+{json.dumps(run_info['recommended']['weights'])}, {run_info['recommended']['step']} steps), trained on the train rows \
+up to {run_info['recommended']['membership_window'][1]:.2f}x the chosen length, keeping the step from \
+{run_info['recommended']['membership_window'][0]:.2f}x on whose members the reference documents tell apart the least \
+(row {run_info['recommended']['row']!r}).
 
 Command: `{run_info['command']}`; this invocation ran {run_info['jobs_run']} of {run_info['jobs_total']} jobs \
 (the others came from cache) in {run_info['wall_seconds']:.0f} s wall ({stages}; {run_info['workers']} worker(s) x \

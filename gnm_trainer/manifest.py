@@ -182,6 +182,8 @@ def build_manifest(trainer, guard=None, negative_rows=None) -> dict[str, Any]:
         "collapse_guard": guard.summary() if guard is not None else None,
         # Set by `gnm unlearn --eval_on_validation_steps`: the step kept as the final model and its objective.
         "best_on_validation": getattr(trainer, "best_on_validation", None),
+        # Set by `gnm unlearn --keep_best_membership_steps`: the step whose forget documents looked most unseen.
+        "best_on_membership": getattr(trainer, "best_on_membership", None),
     }
 
 

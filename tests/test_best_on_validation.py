@@ -202,10 +202,10 @@ import torch
 from peft import get_peft_model_state_dict
 from gnm_trainer.cli.unlearn import parse_arguments, run_unlearning
 
-trainer = run_unlearning(*parse_arguments(sys.argv[2:]))
+trainer = run_unlearning(*parse_arguments(sys.argv[3:]))
 weights = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model))
 report = {"digest": hashlib.sha256(b"".join(weights[k].cpu().numpy().tobytes() for k in sorted(weights))).hexdigest(),
-          "kept": trainer.best_on_validation}
+          "kept": getattr(trainer, sys.argv[2])}
 with open(os.path.join(sys.argv[1], f"rank{trainer.accelerator.process_index}.json"), "w") as handle:
     json.dump(report, handle)
 torch.distributed.barrier()
@@ -217,8 +217,10 @@ def digest(weights: dict) -> str:
     return hashlib.sha256(b"".join(weights[name].numpy().tobytes() for name in sorted(weights))).hexdigest()
 
 
-def test_two_processes_evaluate_together_and_each_loads_the_best_step(workspace):
-    """Every process runs the callback (its evaluation is sharded) and loads best/ into its own model."""
+def two_process_run_keeps_best(workspace, kept_attribute: str, *flags) -> None:
+    """`gnm unlearn --config recipe.yaml` on two processes with batch 1 each (the ranks' batches differ; the
+    single-process run's batch is 2): both keep the step in best/ and hold its weights (`kept_attribute` is where
+    the trainer records the kept step)."""
     script, reports = workspace / "rank_script.py", workspace / "reports"
     script.write_text(RANK_SCRIPT)
     reports.mkdir()
@@ -228,11 +230,9 @@ def test_two_processes_evaluate_together_and_each_loads_the_best_step(workspace)
         env.pop(name, None)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    # batch 1 per process: the single-process run's batch of 2
-    flags = ["--config", str(workspace / "recipe.yaml"), "--learning_rate", "1e-1", "--per_device_train_batch_size",
-             "1", "--validation_mia_nonmembers", str(workspace)]
+    flags = ["--config", str(workspace / "recipe.yaml"), "--per_device_train_batch_size", "1", *flags]
     result = subprocess.run(
-        [*launch, str(script), str(reports), *flags],
+        [*launch, str(script), str(reports), kept_attribute, *flags],
         env=env, cwd=workspace, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -241,6 +241,12 @@ def test_two_processes_evaluate_together_and_each_loads_the_best_step(workspace)
     assert best["step"] < 6 and [rank["kept"]["step"] for rank in ranks] == [best["step"], best["step"]]
     best_digest = digest(load_file(workspace / "run" / "best" / "adapter_model.safetensors"))
     assert [rank["digest"] for rank in ranks] == [best_digest, best_digest]
+
+
+def test_two_processes_evaluate_together_and_each_loads_the_best_step(workspace):
+    """Every process runs the callback (its evaluation is sharded) and loads best/ into its own model."""
+    two_process_run_keeps_best(workspace, "best_on_validation", "--learning_rate", "1e-1",
+                               "--validation_mia_nonmembers", str(workspace))
 
 
 def test_validation_options_without_validation_steps_are_an_error(workspace, capsys):

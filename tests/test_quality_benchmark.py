@@ -128,14 +128,19 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     command = ["--preset", "smoke", "--data", data, "--output", str(output), "--threads", "1"]
     summary = quality.main(command)
     preset = quality.PRESETS["smoke"]
-    recommended = summary["run"]["recommended"]["method"]
-    assert set(summary["methods"]) == set(preset.methods) | {f"Recommended (= {recommended})"}
+    recommended, row = summary["run"]["recommended"]["method"], summary["run"]["recommended"]["row"]
+    assert set(summary["methods"]) == set(preset.methods) | {row}
+    rows = summary["run"]["target"]["rows"]
     for name, curves in summary["methods"].items():
         assert len(curves) == len(preset.seeds)
-        choice = summary["run"]["choices"][recommended if name.startswith("Recommended") else name]
-        rows = summary["run"]["target"]["rows"]
+        choice = summary["run"]["choices"][recommended if name == row else name]
+        steps = quality.in_train_steps(choice["step"], rows)  # the epochs validation chose
         for curve in curves:
-            assert curve[-1]["step"] == quality.in_train_steps(choice["step"], rows)  # the epochs validation chose
+            if name == row:  # scored once, at the step kept in the window around them
+                first, last = (max(1, round(share * steps)) for share in quality.MEMBERSHIP_WINDOW)
+                assert len(curve) == 1 and first <= curve[0]["step"] <= last
+            else:
+                assert curve[-1]["step"] == steps
             final = curve[-1]
             for key in ("hm12", "mia_auc", "mia_score", "final_no_mmlu", "qa_rougeL_forget", "qa_rougeL_retain",
                         "heldout_nll", "gibberish_retain", "collapsed", "forget_Task2_K", "retain_Task2_R"):
@@ -144,7 +149,7 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     assert {(tuple(row["loss_terms"]), json.dumps(row["weights"], sort_keys=True)) for row in tuned["table"]} == {
         (variant.loss_terms, json.dumps(dict(variant.weights), sort_keys=True))
         for variant in quality.GNM_GRID[: preset.grid_points]}
-    for method in preset.methods:  # every method's seed-0 adapter was attacked, each attack with its figures
+    for method in (*preset.methods, row):  # every method's seed-0 adapter was attacked, each attack with its figures
         for attack in preset.attacks:
             assert summary["attacks"][method][attack]["forget-set"]["overall"]["mean"] is not None
     report = summary["run"]["target_report"]
@@ -153,7 +158,8 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     for name in ("summary.md", "summary.json", "tradeoff.png", "before.json", "negatives/perturb_validation.jsonl"):
         assert (output / name).is_file(), name
     markdown = (output / "summary.md").read_text()
-    assert "| GNM (paper) |" in markdown and "quant8 recovery" in markdown and f"Recommended (= {recommended})" in markdown
+    assert "| GNM (paper) |" in markdown and "quant8 recovery" in markdown and f"| {row} |" in markdown
+    assert f"{row}:" in markdown  # its table of membership scores by step
     assert json.loads((output / "summary.json").read_text())["run"]["preset"] == "smoke"
 
     runs = sorted((output / "runs").iterdir()) + sorted((output / "attacks").iterdir())

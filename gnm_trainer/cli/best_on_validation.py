@@ -28,11 +28,16 @@ def check_validation_options(script_args) -> None:
             f"eval_on_validation_steps: expected a number of optimizer steps of at least 1, got {steps}"
         )
     if steps is None:
-        defaults = type(script_args).__dataclass_fields__
-        unused = [name for name in VALIDATION_OPTIONS if getattr(script_args, name) != defaults[name].default]
-        if unused:
-            raise GNMInputError(f"{', '.join(unused)}: set, but nothing is evaluated on validation without "
-                                "eval_on_validation_steps; add it or remove them")
+        refuse_unused_options(script_args, VALIDATION_OPTIONS, "nothing is evaluated on validation without "
+                              "eval_on_validation_steps")
+
+
+def refuse_unused_options(script_args, names, why: str) -> None:
+    """A one-line error naming every option of `names` set away from its default: `why` they do nothing."""
+    defaults = type(script_args).__dataclass_fields__
+    unused = [name for name in names if getattr(script_args, name) != defaults[name].default]
+    if unused:
+        raise GNMInputError(f"{', '.join(unused)}: set, but {why}; add it or remove them")
 
 
 def member_documents(forget_rows) -> list[str]:
@@ -42,14 +47,16 @@ def member_documents(forget_rows) -> list[str]:
     return [f"{row['prompt']} {row['completion']}" for row in forget_rows if classify_kind(row["id"]) == "sc"]
 
 
-def load_nonmember_documents(path: str) -> list[str]:
-    """Non-member documents from a jsonl/parquet file, or a folder holding nonmember.jsonl or mia/nonmember.jsonl."""
+def load_documents_option(path: str, option: str = "validation_mia_nonmembers",
+                          file_name: str = NONMEMBER_FILE) -> list[str]:
+    """The documents that `option` names: a jsonl/parquet file with a `document` field per row, or a folder holding
+    `file_name` or `mia/<file_name>`."""
     from ..evaluation.evaluator import _documents, _mia_file
 
     if os.path.isdir(path):
-        path = _mia_file(path, NONMEMBER_FILE)
+        path = _mia_file(path, file_name)
     elif not os.path.isfile(path):
-        raise GNMInputError(f"validation_mia_nonmembers: {path}: file or folder not found")
+        raise GNMInputError(f"{option}: {path}: file or folder not found")
     return _documents(path)
 
 
@@ -59,7 +66,7 @@ def mia_documents(forget_rows, nonmembers_path: str | None) -> tuple[list[str] |
     if nonmembers_path is None:
         logger.warning("validation_mia_nonmembers not set: the validation objective has no MIA part.")
         return None, None
-    nonmembers = load_nonmember_documents(nonmembers_path)
+    nonmembers = load_documents_option(nonmembers_path)
     members = member_documents(forget_rows)
     if not members:
         logger.warning("The validation forget set has no sentence-completion (sc1) rows to serve as MIA members: "
@@ -135,9 +142,10 @@ def resume_best(callback, output_dir: str) -> None:
         callback.best_value, callback.best_step = best["value"], best["step"]
 
 
-def keep_best_step(trainer, callback) -> dict | None:
+def keep_best_step(trainer, callback, record_as: str = "best_on_validation", what: str = "on validation"
+                   ) -> dict | None:
     """Load the best evaluation's weights (`<output_dir>/best/`) into the trained model on every process, record the
-    kept step on the trainer (`trainer.best_on_validation`, which the manifest writes) and log it; returns it."""
+    kept step on the trainer (`trainer.<record_as>`, which the manifest writes) and log it; returns it."""
     from ..evaluation.callback import BEST_DIR
     from ..modeling import load_checkpoint_weights
 
@@ -148,7 +156,7 @@ def keep_best_step(trainer, callback) -> dict | None:
                             os.path.join(trainer.args.output_dir, BEST_DIR))
     kept = {"step": callback.best_step, "objective": callback.objective, "value": callback.best_value,
             "last_step": trainer.state.global_step}
-    trainer.best_on_validation = kept
-    logger.warning("Keeping step %d of %d, best on validation (%s = %.4g); it is the model saved.",
-                   kept["step"], kept["last_step"], kept["objective"], kept["value"])
+    setattr(trainer, record_as, kept)
+    logger.warning("Keeping step %d of %d, best %s (%s = %.4g); it is the model saved.",
+                   kept["step"], kept["last_step"], what, kept["objective"], kept["value"])
     return kept

@@ -80,6 +80,32 @@ class UnlearnScriptArguments:
     )
     validation_max_new_tokens: int = field(default=256, metadata={"help": "Generation length on validation."})
     validation_batch_size: int = field(default=16, metadata={"help": "Batch size of the validation evaluation."})
+    keep_best_membership_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "From membership_start_step on, every this many optimizer steps and at the end, score a loss "
+            "attack on the forget documents against membership_reference (MIA score, 1: they look unseen) and save "
+            "the best step as the final model; <output_dir>/best/ holds it and the manifest names it under "
+            "best_on_membership. None: off."
+        },
+    )
+    membership_reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "Documents of the forget documents' kind that the model never read (a file with a 'document' "
+            "field per row, or a folder with nonmember.jsonl); not the non-members an evaluation will use."
+        },
+    )
+    membership_members: str | None = field(
+        default=None,
+        metadata={
+            "help": "The forget documents scored against membership_reference (a file, or a folder with "
+            "member.jsonl). None: the forget set's sentence-completion rows as whole documents."
+        },
+    )
+    membership_start_step: int = field(
+        default=0, metadata={"help": "The first step that keep_best_membership_steps scores and may keep."}
+    )
     overwrite_output: bool = field(
         default=False,
         metadata={
@@ -323,6 +349,7 @@ def checkpoint_to_resume(training_args) -> str | None:
 def check_run(script_args, training_args, model_args) -> str:
     """Every check that needs no model or data, before any work starts; returns the data source."""
     from ..data.loading import refuse_single_file
+    from .best_on_membership import check_membership_options
     from .best_on_validation import check_validation_options
 
     if model_args.model_name_or_path is None:
@@ -334,6 +361,7 @@ def check_run(script_args, training_args, model_args) -> str:
         raise GNMInputError("data_dir and dataset_name: give only one")
     refuse_single_file(script_args.data_dir, "data_dir")  # it would be both the forget and the retain set
     check_validation_options(script_args)
+    check_membership_options(script_args)
     check_output_folder(training_args.output_dir, "output_dir")
     refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
     check_hub_access(training_args)
@@ -384,9 +412,10 @@ def save_run(trainer, result) -> None:
 
 def run_unlearning(script_args, training_args, model_args):
     """Check, load, train (from `resume_from_checkpoint`, else from the last complete checkpoint in output_dir when
-    there is one), keep the step best on validation when asked, save; returns the trainer."""
+    there is one), keep the step best on validation or on membership when asked, save; returns the trainer."""
     from ..data.loading import load_unlearning_data
     from ..gnm_trainer import GNMTrainer
+    from .best_on_membership import membership_callback
     from .best_on_validation import keep_best_step, resume_best, validation_callback
 
     source = check_run(script_args, training_args, model_args)
@@ -395,6 +424,8 @@ def run_unlearning(script_args, training_args, model_args):
     needs_retain = {"gd", "klr", "rm"}.intersection(training_args.loss_terms)
     retain = load_unlearning_data(source, "retain", script_args.data_partition) if needs_retain else None
     validation = validation_callback(script_args, source, forget)
+    membership = membership_callback(script_args, forget)
+    keeper = validation or membership  # at most one: check_membership_options refuses both
     trainer = GNMTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -402,13 +433,15 @@ def run_unlearning(script_args, training_args, model_args):
         retain_dataset=retain,
         negative_dataset=script_args.negatives_path,
         peft_config=build_peft_config(script_args, model_args),
-        callbacks=[validation] if validation is not None else None,
+        callbacks=[keeper] if keeper is not None else None,
     )
     resume_from = checkpoint_to_resume(training_args)
     if resume_from is not None:
-        resume_best(validation, training_args.output_dir)
+        resume_best(keeper, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume_from)
     keep_best_step(trainer, validation)
+    keep_best_step(trainer, membership, record_as="best_on_membership", what="on membership (MIA against the "
+                   "reference documents)")
     save_run(trainer, result)
     return trainer
 

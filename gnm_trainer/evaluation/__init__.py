@@ -43,6 +43,10 @@ def __getattr__(name):
         from .callback import SemEvalCallback
 
         return SemEvalCallback
+    if name == "MembershipCallback":
+        from .membership import MembershipCallback
+
+        return MembershipCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -50,6 +54,7 @@ __all__ = [
     "ATTACKS",
     "PER_EXAMPLE_FILE",
     "RESULTS_FILE",
+    "MembershipCallback",
     "SEMEVAL_METRIC_PATH",
     "SemEvalCallback",
     "document_nll",

@@ -155,8 +155,14 @@ class SemEvalCallback(TrainerCallback):
         return value > self.best_value if self.greater_is_better else value < self.best_value
 
     def _save_best(self, path: str, model, tokenizer, step: int, value: float, results: dict[str, Any]) -> None:
-        with atomic_directory(path) as temporary:
-            model.save_pretrained(temporary)
-            tokenizer.save_pretrained(temporary)
-            atomic_write_json(os.path.join(temporary, BEST_FILE),
-                              {"step": step, "objective": self.objective, "value": value, "results": results})
+        save_best_checkpoint(path, model, tokenizer,
+                             {"step": step, "objective": self.objective, "value": value, "results": results})
+
+
+def save_best_checkpoint(path: str, model, tokenizer, best: dict[str, Any]) -> None:
+    """`path` replaced atomically by the model (`save_pretrained`: the adapter alone for a PEFT model), the tokenizer
+    and `best.json` holding `best` (its step, objective and value, which `keep_best_step` reads back)."""
+    with atomic_directory(path) as temporary:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        atomic_write_json(os.path.join(temporary, BEST_FILE), best)

@@ -240,8 +240,8 @@ def evaluate_model(
             batch_size=batch_size, show_progress=show_progress,
         ) if local_examples else []
         rows = _gather(score_generations(local_examples, generations, text_template))
-        member_nll, nonmember_nll = _mia_nll(evaluated, tokenizer, mia_members, mia_nonmembers, batch_size,
-                                             show_progress)
+        member_nll, nonmember_nll = mia_document_nll(evaluated, tokenizer, mia_members, mia_nonmembers, batch_size,
+                                                     show_progress)
         evaluated_dtype = dtype_name(evaluated)
     results = semeval_results(rows, member_nll, nonmember_nll, mmlu_score)
     if prompt_side != OFFICIAL_PROMPT:
@@ -252,7 +252,7 @@ def evaluate_model(
     return results, rows
 
 
-def _mia_nll(model, tokenizer, members, nonmembers, batch_size: int, show_progress: bool):
+def mia_document_nll(model, tokenizer, members, nonmembers, batch_size: int, show_progress: bool):
     """`(member_nll, nonmember_nll)` of the raw documents, sharded across processes; `(None, None)` without MIA."""
     if members is None:
         return None, None
