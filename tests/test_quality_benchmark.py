@@ -80,6 +80,21 @@ def test_train_runs_last_as_many_epochs_as_the_choice_on_validation():
     assert [(job.seed, job.max_steps, job.eval_every) for job in jobs] == [(0, 115, 57), (1, 115, 115), (2, 115, 115)]
 
 
+def test_the_recommended_recipe_runs_in_a_window_around_the_chosen_length_and_keeps_a_step_on_membership():
+    rows = {"forget_train": 208, "forget_validation": 84}
+    method = quality.METHODS[0]
+    choice = {"loss_terms": list(method.loss_terms), "weights": dict(method.weights), "step": 63}  # 156 train steps
+    jobs = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows, recommended=method.name)
+    plain, kept = jobs[:3], jobs[3:]
+    assert [job.max_steps for job in plain] == [156] * 3 and all(job.keep_best_membership is None for job in plain)
+    assert [(job.name, job.seed, job.max_steps, job.keep_best_membership, job.save_adapter) for job in kept] == [
+        ("recommended_seed0", 0, 208, (104, 13), True), ("recommended_seed1", 1, 208, (104, 13), False),
+        ("recommended_seed2", 2, 208, (104, 13), False)]  # from 2/3 to 4/3 of 156 steps, scored every 13
+    assert {job.method.name for job in kept} == {quality.recommended_row(method.name)}
+    assert {(job.method.loss_terms, job.method.weights) for job in kept} == {(method.loss_terms, method.weights)}
+    assert len(quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)) == 3  # none asked
+
+
 def test_a_variant_of_the_gnm_grid_is_chosen_and_trained_with_its_own_options():
     """Two variants with the same terms and weights differ only by their options (SimNPO's margin): the choice names
     the one that scored best, and the train runs get its options."""
