@@ -659,26 +659,32 @@ MEMBERSHIP_WINDOW = (2 / 3, 4 / 3)
 MEMBERSHIP_EVALUATIONS_PER_LENGTH = 12
 
 
+def membership_row(method_name: str) -> str:
+    return f"{method_name}, step kept on membership"
+
+
 def recommended_row(method_name: str) -> str:
-    return f"Recommended ({method_name}, step kept on membership)"
+    return f"Recommended ({membership_row(method_name)})"
 
 
-def recommended_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int]) -> list[Job]:
-    """The recommended recipe on the train rows: `method`'s choice on validation, trained up to the window's end,
-    keeping the step (in the window) whose members the reference documents tell apart the least."""
-    variant = replace(chosen_variant(method, choice, preset), name=recommended_row(method.name))
+def membership_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int], row: str,
+                    prefix: str) -> list[Job]:
+    """`method`'s choice on validation on the train rows as the row `row`: trained up to the window's end, keeping
+    the step (in the window) whose members the reference documents tell apart the least."""
+    variant = replace(chosen_variant(method, choice, preset), name=row)
     steps = in_train_steps(choice["step"], rows)
     first, last = (max(1, round(share * steps)) for share in MEMBERSHIP_WINDOW)
     every = max(1, round(steps / MEMBERSHIP_EVALUATIONS_PER_LENGTH))
-    return [Job(f"recommended_seed{seed}", variant, seed, "train", last, last, save_adapter=seed in preset.attack_seeds,
+    return [Job(f"{prefix}_seed{seed}", variant, seed, "train", last, last, save_adapter=seed in preset.attack_seeds,
                 keep_best_membership=(first, every)) for seed in preset.seeds]
 
 
 def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], rows: dict[str, int],
-               recommended: str | None = None) -> list[Job]:
+               recommended: str | None = None, kept_on_membership: tuple[str, ...] = ()) -> list[Job]:
     """Every method x seed on the train rows, as many epochs as its choice on validation; seeds in `curve_seeds`
-    evaluated at the train steps of the validation evaluations too. With `recommended` (a method's name), its
-    recipe as well (`recommended_jobs`)."""
+    evaluated at the train steps of the validation evaluations too. With `recommended` (a method's name), the
+    recommended recipe as well: that method keeping its step on membership (`membership_jobs`); the methods named
+    in `kept_on_membership` get such a row too, to compare them with it on equal terms."""
     jobs = []
     for method in methods:
         choice = choices[method.name]
@@ -689,7 +695,10 @@ def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], 
             jobs.append(Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", steps, eval_every,
                             save_adapter=seed in preset.attack_seeds))
         if method.name == recommended:
-            jobs += recommended_jobs(preset, method, choice, rows)
+            jobs += membership_jobs(preset, method, choice, rows, recommended_row(method.name), "recommended")
+        if method.name in kept_on_membership:
+            jobs += membership_jobs(preset, method, choice, rows, membership_row(method.name),
+                                    f"{slug(method.name)}_kept-on-membership")
     return jobs
 
 
@@ -752,8 +761,8 @@ def target_report(model, tokenizer, workspace: Workspace, documents: dict, prese
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def select_methods(names: str | None, preset: Preset) -> list[Method]:
-    """The preset's methods, or those named in `--methods` (names or their slugs, comma-separated)."""
+def select_methods(names: str | None, preset: Preset, option: str = "--methods") -> list[Method]:
+    """The preset's methods, or those named in `option` (names or their slugs, comma-separated)."""
     methods = [method for method in METHODS if method.name in preset.methods]
     if not names:
         return methods
@@ -761,7 +770,7 @@ def select_methods(names: str | None, preset: Preset) -> list[Method]:
     by_name = {key: method for method in METHODS for key in (method.name, slug(method.name))}
     unknown = [name for name in wanted if name not in by_name]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; expected some of {[slug(m.name) for m in METHODS]}")
+        raise SystemExit(f"{option}: unknown {unknown}; expected some of {[slug(m.name) for m in METHODS]}")
     return [method for method in METHODS if method in {by_name[name] for name in wanted}]
 
 
@@ -803,6 +812,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=None, help="default: benchmarks/results/quality/<preset>")
     parser.add_argument("--methods", default=None, help="comma-separated method names or slugs (default: the "
                         f"preset's); slugs: {', '.join(slug(method.name) for method in METHODS)}")
+    parser.add_argument("--kept_on_membership", default="", help="comma-separated methods (names or slugs) that also "
+                        "run as the recommended recipe does, keeping their step on membership, each as its own row")
     parser.add_argument("--workers", type=int, default=1, help="unlearning runs in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
     args = parser.parse_args(argv)
@@ -811,6 +822,9 @@ def main(argv=None) -> dict:
 
     preset = PRESETS[args.preset]
     methods = select_methods(args.methods, preset)
+    kept_on_membership = tuple(method.name for method in select_methods(args.kept_on_membership, preset,
+                                                                        "--kept_on_membership")
+                               if args.kept_on_membership)
     output = os.path.abspath(args.output or os.path.join(HERE, "results", "quality", args.preset))
     data_source = args.data or (os.path.normpath(DEFAULT_LUME) if os.path.isdir(DEFAULT_LUME) else LUME_HUB_ID)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
@@ -850,8 +864,9 @@ def main(argv=None) -> dict:
     stage_done("validation runs")
     candidates = {method.name: choices[method.name] for method in methods if not method.ablation}
     recommended = recommend(candidates or choices)
-    records, ran_train = run_jobs(train_jobs(preset, methods, choices, target_info["rows"], recommended), preset,
-                                  workspace, target_info["fingerprint"], args.workers, threads)
+    records, ran_train = run_jobs(train_jobs(preset, methods, choices, target_info["rows"], recommended,
+                                             kept_on_membership), preset, workspace, target_info["fingerprint"],
+                                  args.workers, threads)
     stage_done("comparison runs")
     attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["attack_rows"], args.workers, threads)
     stage_done("attacks")
@@ -867,6 +882,7 @@ def main(argv=None) -> dict:
         "target_report": before["target_report"], "negatives": negatives,
         "choices": choices, "recommended": {"method": recommended, "row": recommended_row(recommended),
                                             "membership_window": MEMBERSHIP_WINDOW,
+                                            "also_kept_on_membership": kept_on_membership,
                                             **{k: v for k, v in choices[recommended].items() if k != "table"}},
         "threads_per_worker": threads, "workers": args.workers, "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -302,13 +302,13 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
     attacks = {record["method"]: record["attacks"] for record in attack_records}
     attack_names = run_info["preset_settings"]["attacks"]
     run_info = {**run_info, "job_wall_seconds_total": round(sum(record["wall_seconds"] for record in records), 1)}
-    comparison = qa_rouge_comparison({name: runs for name, runs in grouped.items() if not name.startswith("Recomm")})
+    at_their_length = {name: runs for name, runs in grouped.items() if "kept_step" not in runs[0]}
+    comparison = qa_rouge_comparison(at_their_length)
     summary = {"run": run_info, "before": {k: v for k, v in before.items() if k != "attack_rows"},
                "qa_rouge_comparison": comparison,
                "methods": {method: [run["curve"] for run in runs] for method, runs in grouped.items()},
                "attacks": attacks}
-    plot_tradeoff(os.path.join(output, "tradeoff.png"), before,
-                  {name: runs for name, runs in grouped.items() if not name.startswith("Recomm")})
+    plot_tradeoff(os.path.join(output, "tradeoff.png"), before, at_their_length)
     report = run_info["target_report"]
     target_lines = "\n".join(f"| {name} | {_fmt(value)} |" for name, value in report.items())
     gaps = "\n".join(f"| {method} | {_fmt(gap)} |" for method, gap in comparison["qa_rougeL_gap"].items())

@@ -93,6 +93,12 @@ def test_the_recommended_recipe_runs_in_a_window_around_the_chosen_length_and_ke
     assert {job.method.name for job in kept} == {quality.recommended_row(method.name)}
     assert {(job.method.loss_terms, job.method.weights) for job in kept} == {(method.loss_terms, method.weights)}
     assert len(quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)) == 3  # none asked
+    # Another method kept on membership as the recommended recipe is, to compare the two on equal terms:
+    other = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows,
+                               kept_on_membership=(method.name,))[3:]
+    assert [(job.name, job.keep_best_membership) for job in other] == [
+        (f"ga_kept-on-membership_seed{seed}", (104, 13)) for seed in (0, 1, 2)]
+    assert {job.method.name for job in other} == {quality.membership_row(method.name)} == {"GA, step kept on membership"}
 
 
 def test_a_variant_of_the_gnm_grid_is_chosen_and_trained_with_its_own_options():
