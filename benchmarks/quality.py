@@ -54,6 +54,7 @@ from benchmark_paths import DEFAULT_LUME, HERE  # noqa: E402
 from quality_report import measure_model, write_summary  # noqa: E402
 
 from gnm_trainer.io_utils import atomic_write_json, atomic_write_jsonl, read_json_file  # noqa: E402
+from gnm_trainer.recipes import MEMBERSHIP_WINDOW, membership_schedule  # noqa: E402
 
 LUME_HUB_ID = "llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public"
 SYNTHETIC = "synthetic"
@@ -650,15 +651,6 @@ def in_train_steps(validation_steps: int, rows: dict[str, int]) -> int:
     return max(1, round(validation_steps * rows["forget_train"] / rows["forget_validation"]))
 
 
-# The recommended recipe keeps, in each run, the step at which its forget documents look most like unseen text,
-# between these shares of the length chosen on validation, scored this many times per chosen length. At a fixed step
-# the MIA score moved with the seed (0.62 to 0.95 in the run of ff67205) and between two validation evaluations 21
-# steps apart (0.79 -> 1.00 -> 0.51): the step that validation chose lands the members near the non-members on
-# average, not in every run.
-MEMBERSHIP_WINDOW = (2 / 3, 4 / 3)
-MEMBERSHIP_EVALUATIONS_PER_LENGTH = 12
-
-
 def membership_row(method_name: str) -> str:
     return f"{method_name}, step kept on membership"
 
@@ -672,9 +664,7 @@ def membership_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str
     """`method`'s choice on validation on the train rows as the row `row`: trained up to the window's end, keeping
     the step (in the window) whose members the reference documents tell apart the least."""
     variant = replace(chosen_variant(method, choice, preset), name=row)
-    steps = in_train_steps(choice["step"], rows)
-    first, last = (max(1, round(share * steps)) for share in MEMBERSHIP_WINDOW)
-    every = max(1, round(steps / MEMBERSHIP_EVALUATIONS_PER_LENGTH))
+    first, last, every = membership_schedule(in_train_steps(choice["step"], rows))
     return [Job(f"{prefix}_seed{seed}", variant, seed, "train", last, last, save_adapter=seed in preset.attack_seeds,
                 keep_best_membership=(first, every)) for seed in preset.seeds]
 
@@ -881,7 +871,7 @@ def main(argv=None) -> dict:
                                                          "wall_time_s", "config", "pretraining")},
         "target_report": before["target_report"], "negatives": negatives,
         "choices": choices, "recommended": {"method": recommended, "row": recommended_row(recommended),
-                                            "membership_window": MEMBERSHIP_WINDOW,
+                                            "membership_window": MEMBERSHIP_WINDOW,  # gnm_trainer.recipes
                                             "also_kept_on_membership": kept_on_membership,
                                             **{k: v for k, v in choices[recommended].items() if k != "table"}},
         "threads_per_worker": threads, "workers": args.workers, "cpu_count": os.cpu_count(),

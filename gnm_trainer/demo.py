@@ -7,7 +7,8 @@ write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with 
 the recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with its margin at the non-members' NLL
 measured in step 2, `klb` towards the base model, `gd` 5 and `gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5,
 `klr` 5, `gnm` 0.04; without pretraining documents there is no base model and the recommended recipe goes without
-`klb`) with LoRA on all linear layers. Last, the attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning
+`klb`) with LoRA on all linear layers; the recommended recipe trains to 4/3 of `max_steps` and keeps the step, from
+2/3 of it on, at which the forget documents look most like synthetic documents the target never read. Last, the attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning
 on half the forget documents) measure how much of what was removed comes back, against the target's scores from
 step 2.
 """
@@ -46,6 +47,11 @@ class DemoSettings:
     # Synthetic documents the target reads before it memorises the dataset (0: trained from scratch); with them the
     # target has a base model, `<target>/pretrained`, and the recommended recipe its `klb` term.
     pretraining_documents: int = 300
+    # The recommended recipe's step rule: train to 4/3 of `max_steps` and keep, from 2/3 of it on, the step at which
+    # the forget documents look most like this many synthetic documents the target never read
+    # (`gnm_trainer.recipes.membership_schedule`, `MembershipCallback`). 0, or the paper's recipe: `max_steps`, the
+    # last step kept.
+    reference_documents: int = 24
 
     def __post_init__(self):
         """Refuse settings that would fail (or train nothing) only after minutes of work."""
@@ -63,8 +69,9 @@ class DemoSettings:
                      "attack_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GNMInputError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
-        if self.pretraining_documents < 0:
-            raise GNMInputError(f"pretraining_documents: expected an integer >= 0, got {self.pretraining_documents}")
+        for name in ("pretraining_documents", "reference_documents"):
+            if getattr(self, name) < 0:
+                raise GNMInputError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise GNMInputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
 
@@ -98,6 +105,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from .evaluation.attacks import RESULTS_KEY, run_attacks
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
+    from .cli.best_on_validation import keep_best_step
     from .gnm_trainer import GNMTrainer
     from .recipes import RECIPES, describe, recommended_recipe
     from .target.config import PRETRAINED_SUBDIR
@@ -149,11 +157,15 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
         base_model = os.path.join(target_dir, PRETRAINED_SUBDIR)
         recipe = recommended_recipe(before["mia_mean_nll"]["nonmembers"],
                                     base_model if os.path.isdir(base_model) else None)
-    start = _step(f"4/6 unlearning with GNM ({settings.recipe} recipe: {describe(recipe)}, LoRA on all linear layers)")
+    membership, steps = membership_rule(settings, members, tokenizer)
+    start = _step(f"4/6 unlearning with GNM ({settings.recipe} recipe: {describe(recipe)}, LoRA on all linear layers"
+                  + (f"; {steps} steps, keeping the step from {membership.start_step} on, every "
+                     f"{membership.eval_steps}, at which the forget documents look most like "
+                     f"{settings.reference_documents} documents the target never read)" if membership else ")"))
     args = GNMConfig(
         output_dir=os.path.join(output_dir, "model"),
         **recipe,
-        max_steps=settings.max_steps,
+        max_steps=steps,
         per_device_train_batch_size=settings.per_device_train_batch_size,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="linear",
@@ -172,8 +184,10 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
         negative_dataset=negatives,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0, target_modules="all-linear"),
+        callbacks=[membership] if membership else None,
     )
     trainer.train()
+    keep_best_step(trainer, membership, record_as="best_on_membership", what="on membership")
     trainer.save_model()
     _done(start)
 
@@ -212,6 +226,22 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     print(markdown_report(before, after, title="gnm demo: before and after unlearning"))
     print(f"\nreport: {report_path}\nplot:   {plot_path}\nwall time: {wall:.0f} s")
     return summary
+
+
+def membership_rule(settings: DemoSettings, members, tokenizer):
+    """`(callback, steps)`: the recommended recipe's `MembershipCallback` and the step where training stops, or
+    `(None, max_steps)` without the rule."""
+    from .data.synthetic import make_reference_documents
+    from .evaluation.membership import MembershipCallback
+    from .recipes import membership_schedule
+
+    if settings.recipe != "recommended" or not settings.reference_documents:
+        return None, settings.max_steps
+    first, last, every = membership_schedule(settings.max_steps)
+    membership = MembershipCallback(members, make_reference_documents(settings.seed, settings.reference_documents),
+                                    eval_steps=every, start_step=first, tokenizer=tokenizer,
+                                    batch_size=settings.eval_batch_size)
+    return membership, last
 
 
 def _available_attacks() -> tuple[str, ...]:

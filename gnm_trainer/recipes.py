@@ -31,6 +31,21 @@ MARGIN_SHARE_OF_NONMEMBER_NLL = 1.0
 MARGIN_SHARE_WITHOUT_BASE = 0.9
 
 
+# The step of the recommended recipe: it trains to 4/3 of the length chosen on validation and keeps, from 2/3 of it
+# on, the step at which its forget documents look most like unseen text (`MembershipCallback`,
+# `gnm unlearn --keep_best_membership_steps`), scored 12 times per length. At a fixed step the benchmark's MIA score
+# moved with the seed (0.62 to 0.95 in the run of ff67205; docs/results.md).
+MEMBERSHIP_WINDOW = (2 / 3, 4 / 3)
+MEMBERSHIP_EVALUATIONS_PER_LENGTH = 12
+
+
+def membership_schedule(length: int) -> tuple[int, int, int]:
+    """`(first_step, last_step, every)` of the recommended recipe's step rule for a run whose chosen length is
+    `length` optimizer steps: train to `last_step`, score every `every` steps from `first_step` on."""
+    first, last = (max(1, round(share * length)) for share in MEMBERSHIP_WINDOW)
+    return first, last, max(1, round(length / MEMBERSHIP_EVALUATIONS_PER_LENGTH))
+
+
 def calibrated_margin(nonmember_nll: float, with_base_model: bool = True) -> float:
     """`simnpo_delta` of the recommended recipe for a target whose non-members have this mean NLL, to 0.1 nat."""
     share = MARGIN_SHARE_OF_NONMEMBER_NLL if with_base_model else MARGIN_SHARE_WITHOUT_BASE

@@ -699,6 +699,7 @@ def test_text_files_given_to_options_that_are_not_utf8(workspace, capsys):
         (["demo", "--quick", "--learning-rate", "inf"], "learning_rate: expected a finite number > 0, got inf"),
         (["demo", "--quick", "--pretraining-documents", "-3"], "pretraining_documents: expected an integer >= 0, got -3"),
         (["make-target", "--pretraining-documents", "-3"], "pretraining_documents: expected an integer >= 0, got -3"),
+        (["demo", "--quick", "--reference-documents", "-1"], "reference_documents: expected an integer >= 0, got -1"),
     ],
 )
 def test_make_target_and_demo_settings_are_checked_before_any_work(workspace, capsys, monkeypatch, argv, expected):

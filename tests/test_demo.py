@@ -27,6 +27,9 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
     assert retain_after[0] > retain_before[0] - 0.15 and retain_after[1] >= 0.8  # kept
     manifest = json.loads((output / "model" / "gnm_manifest.json").read_text())
     assert manifest["collapse_guard"]["collapsed"] is False  # forgetting without collapsing the retain set
+    kept = manifest["best_on_membership"]  # the recommended recipe's step rule: 4/3 of 60 steps, kept from 40 on
+    assert kept["last_step"] == 80 and 40 <= kept["step"] <= 80 and kept["step"] % 5 == 0
+    assert (output / "model" / "best" / "best.json").is_file()
     printed = capsys.readouterr().out
     assert "| forget | Task2 |" in printed and "report:" in printed
     # the attacks, against the target's scores from the evaluation before unlearning
@@ -46,12 +49,15 @@ def test_the_recommended_recipe_takes_its_margin_from_the_targets_non_members(tm
 
     output = tmp_path / "demo"
     code = main(["demo", "--quick", "--pretraining_documents", "0", "--no_attacks", "--output_dir", str(output),
-                 "--max_steps", "2", "--max_new_tokens", "8"])
+                 "--max_steps", "2", "--max_new_tokens", "8", "--reference_documents", "0"])
     assert code == 0
+    manifest = json.loads((output / "model" / "gnm_manifest.json").read_text())
+    assert manifest["best_on_membership"] is None  # no step rule: the last step is the model
     before = json.loads((output / "results_before.json").read_text())
     margin = calibrated_margin(before["mia_mean_nll"]["nonmembers"], with_base_model=False)
     assert margin > 0
     printed = capsys.readouterr().out
+    assert "keeping the step" not in printed
     assert f"simnpo 1 + gd 5 + gnm 0.2, forget_completion_only_loss=False, simnpo_delta={margin}," in printed
 
 

@@ -17,6 +17,8 @@ sys.path.insert(0, BENCHMARKS)
 import quality  # noqa: E402
 from quality_report import is_gibberish, qa_rouge_comparison  # noqa: E402
 
+from gnm_trainer.recipes import membership_schedule  # noqa: E402
+
 
 def test_lume_subset_keeps_documents_whole(tmp_path):
     from gnm_trainer.data.synthetic import make_synthetic_lume
@@ -158,7 +160,7 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
         steps = quality.in_train_steps(choice["step"], rows)  # the epochs validation chose
         for curve in curves:
             if name == row:  # scored once, at the step kept in the window around them
-                first, last = (max(1, round(share * steps)) for share in quality.MEMBERSHIP_WINDOW)
+                first, last, _ = membership_schedule(steps)
                 assert len(curve) == 1 and first <= curve[0]["step"] <= last
             else:
                 assert curve[-1]["step"] == steps

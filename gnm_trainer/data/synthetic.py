@@ -343,6 +343,13 @@ def make_synthetic_lume(
     return dataset
 
 
+def make_reference_documents(seed: int, count: int) -> list[str]:
+    """`count` documents of the synthetic dataset's kinds drawn from a random stream of their own: text that a target
+    of `make_synthetic_lume` never read, to compare its forget documents with (`MembershipCallback`)."""
+    names = _NameSource(random.Random(f"reference-{seed}"))
+    return [document.text for document in make_documents(names, count, DEFAULT_TASK_SHARES)]
+
+
 def synthetic_target_data(seed: int, pretraining_documents: int) -> dict[str, list[dict[str, str]]] | None:
     """What `make_target` is given for the synthetic default: None (its own default for `seed`) without
     pretraining documents, else that dataset with `pretraining_documents` of them (a target with a base model)."""
