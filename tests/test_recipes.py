@@ -158,10 +158,17 @@ def test_the_recommended_recipe_of_a_target_with_and_without_a_base_model():
 
 
 @pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
-def test_the_recommended_olmo_recipes_keep_the_best_validation_step(model):
-    script_args, _, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", model, "semeval25",
-                                                                  "config_recommended.yaml"), "--bf16", "false"])
-    assert script_args.eval_on_validation_steps == 100 and script_args.validation_partition == "validation"
+def test_the_recommended_olmo_recipes_keep_their_step_on_membership_as_the_benchmark_does(model):
+    from gnm_trainer.recipes import membership_schedule
+
+    script_args, args, _ = parse_arguments(["--config", os.path.join(ROOT, "recipes", model, "semeval25",
+                                                                     "config_recommended.yaml"), "--bf16", "false"])
+    first, last, every = membership_schedule(600)
+    assert (script_args.membership_start_step, args.max_steps, script_args.keep_best_membership_steps) == (
+        first, last, every) == (400, 800, 50)
+    assert script_args.eval_on_validation_steps is None  # the two cannot be combined
+    assert script_args.membership_members.endswith("mia/member.jsonl")
+    assert "nonmember" not in script_args.membership_reference  # never the evaluation's non-members
 
 
 def test_a_recipe_is_described_with_its_weights_and_its_other_settings():
