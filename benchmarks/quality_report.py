@@ -175,8 +175,9 @@ def choice_table(choices: dict[str, dict]) -> str:
         for row in choice["table"]:
             chosen = all(row.get(key) == choice.get(key) for key in ("loss_terms", "weights", "options", "step"))
             mark = "**" if chosen else ""
+            options = ", ".join(f"{name}={value}" for name, value in sorted(row.get("options", {}).items())) or "–"
             lines.append(f"| {mark}{method}{mark} | {'+'.join(row['loss_terms'])} | {json.dumps(row['weights'])} "
-                         f"| {row['step']} | {_fmt(row['hm12'])} "
+                         f"| {options} | {row['step']} | {_fmt(row['hm12'])} "
                          f"| {_fmt(row['mia_score'])} | {mark}{_fmt(row['final'])}{mark} | {_fmt(row['retain_knowledge'])} "
                          f"| {'yes' if row['eligible'] else 'collapsed' if row['collapsed'] else 'no'} |")
     return "\n".join(lines)
