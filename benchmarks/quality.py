@@ -497,7 +497,7 @@ def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspa
     kept step and every scored step's figures."""
     from transformers import AutoModelForCausalLM
 
-    from gnm_trainer.cli.best_on_validation import keep_best_step
+    from gnm_trainer.cli.best_on_membership import keep_best_membership_step
     from gnm_trainer.evaluation.membership import LOG_PREFIX, MembershipCallback
 
     start_step, every = job.keep_best_membership
@@ -506,7 +506,7 @@ def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspa
     model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
     trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
                       preset, workspace, scratch, callbacks=[membership])
-    kept = keep_best_step(trainer, membership, record_as="best_on_membership", what="on membership")
+    kept = keep_best_membership_step(trainer, membership)
     history = trainer.state.log_history
     scored = [{"step": entry["step"], **{key.removeprefix(LOG_PREFIX): value for key, value in entry.items()
                                          if key.startswith(LOG_PREFIX)}}
@@ -812,9 +812,9 @@ def main(argv=None) -> dict:
 
     preset = PRESETS[args.preset]
     methods = select_methods(args.methods, preset)
-    kept_on_membership = tuple(method.name for method in select_methods(args.kept_on_membership, preset,
-                                                                        "--kept_on_membership")
-                               if args.kept_on_membership)
+    kept_on_membership = (tuple(method.name for method in select_methods(args.kept_on_membership, preset,
+                                                                         "--kept_on_membership"))
+                          if args.kept_on_membership else ())
     output = os.path.abspath(args.output or os.path.join(HERE, "results", "quality", args.preset))
     data_source = args.data or (os.path.normpath(DEFAULT_LUME) if os.path.isdir(DEFAULT_LUME) else LUME_HUB_ID)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))

@@ -8,9 +8,9 @@ the recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with it
 measured in step 2, `klb` towards the base model, `gd` 5 and `gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5,
 `klr` 5, `gnm` 0.04; without pretraining documents there is no base model and the recommended recipe goes without
 `klb`) with LoRA on all linear layers; the recommended recipe trains to 4/3 of `max_steps` and keeps the step, from
-2/3 of it on, at which the forget documents look most like synthetic documents the target never read. Last, the attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning
-on half the forget documents) measure how much of what was removed comes back, against the target's scores from
-step 2.
+2/3 of it on, at which the forget documents look most like synthetic documents the target never read. Last, the
+attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning on half the forget documents) measure how much of
+what was removed comes back, against the target's scores from step 2.
 """
 
 import json
@@ -105,7 +105,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from .evaluation.attacks import RESULTS_KEY, run_attacks
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
-    from .cli.best_on_validation import keep_best_step
+    from .cli.best_on_membership import keep_best_membership_step
     from .gnm_trainer import GNMTrainer
     from .recipes import RECIPES, describe, recommended_recipe
     from .target.config import PRETRAINED_SUBDIR
@@ -187,7 +187,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
         callbacks=[membership] if membership else None,
     )
     trainer.train()
-    keep_best_step(trainer, membership, record_as="best_on_membership", what="on membership")
+    keep_best_membership_step(trainer, membership)
     trainer.save_model()
     _done(start)
 

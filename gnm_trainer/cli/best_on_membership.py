@@ -8,7 +8,7 @@ step with the best MIA score is the model saved (`<output_dir>/best/` holds it; 
 """
 
 from ..errors import GNMInputError
-from .best_on_validation import load_documents_option, member_documents, refuse_unused_options
+from .best_on_validation import keep_best_step, load_documents_option, member_documents, refuse_unused_options
 
 MEMBERSHIP_OPTIONS = ("membership_reference", "membership_members", "membership_start_step")
 
@@ -50,3 +50,10 @@ def membership_callback(script_args, training_forget):
                                 "serve as member documents; give them in membership_members")
     return MembershipCallback(members, reference, eval_steps=script_args.keep_best_membership_steps,
                               start_step=script_args.membership_start_step)
+
+
+def keep_best_membership_step(trainer, callback) -> dict | None:
+    """`keep_best_step` for a `MembershipCallback` (None: nothing to keep): its best step is loaded back and recorded
+    as `trainer.best_on_membership`, which the manifest writes."""
+    return keep_best_step(trainer, callback, record_as="best_on_membership",
+                          what="on membership (MIA against the reference documents)")

@@ -415,7 +415,7 @@ def run_unlearning(script_args, training_args, model_args):
     there is one), keep the step best on validation or on membership when asked, save; returns the trainer."""
     from ..data.loading import load_unlearning_data
     from ..gnm_trainer import GNMTrainer
-    from .best_on_membership import membership_callback
+    from .best_on_membership import keep_best_membership_step, membership_callback
     from .best_on_validation import keep_best_step, resume_best, validation_callback
 
     source = check_run(script_args, training_args, model_args)
@@ -440,8 +440,7 @@ def run_unlearning(script_args, training_args, model_args):
         resume_best(keeper, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume_from)
     keep_best_step(trainer, validation)
-    keep_best_step(trainer, membership, record_as="best_on_membership", what="on membership (MIA against the "
-                   "reference documents)")
+    keep_best_membership_step(trainer, membership)
     save_run(trainer, result)
     return trainer
 
