@@ -25,6 +25,9 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
 5. Comparison: every method x seed unlearns the train forget set for its chosen number of epochs (LoRA, same
    optimiser and constant learning rate for all, so that the state at step s is what a run of s steps ends with;
    collapse guard off so that a collapse shows), evaluated at the end (seed 0 also every `eval_every` steps).
+   The recommended recipe is the recommended method's choice trained to 4/3 of its length, keeping the step at
+   which its forget documents look most like reference documents it never read (`MembershipCallback`); those runs
+   record the method's own fixed-length row on their way (the state at its length, evaluated like the others).
    Every method trains on GNMConfig's default text, prompt and completion joined by one space, the raw prompts the
    evaluation feeds.
 6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4) and relearned (RTT on half of the
@@ -83,6 +86,7 @@ class Method:
 
 
 TUNED_GNM = "GNM (tuned on validation)"
+KLB_GD = "KLB+GD (forget set distilled to the base model)"
 
 
 def gnm_variant(loss_terms: tuple[str, ...], whole_text: bool = False, simnpo_delta: float | None = None,
@@ -96,22 +100,19 @@ def gnm_variant(loss_terms: tuple[str, ...], whole_text: bool = False, simnpo_de
 # (`forget_completion_only_loss=False`: the membership attack scores whole documents, and a completion-only ascent
 # leaves every prompt memorised) and with the `klb` term. The completion-only variants of the paper's terms, of NPO and
 # of SimNPO, and matching alone with the retain KL (10 variants) scored below every whole-document variant on
-# validation in the run of commit b17e659, and NPO+GD+GNM, SimNPO+GD+GNM at gnm 1 and at margins 3 and 4 kept an MIA
-# score of 0 at every validation step in the run of 6cc8592 (docs/results.md at those commits): dropped to keep the
-# run short.
+# validation in the run of commit b17e659; NPO+GD+GNM, SimNPO+GD+GNM at gnm 1 and at margins 3 and 4 kept an MIA
+# score of 0 at every validation step in the run of 6cc8592, and so did SimNPO+GD+GNM at gd 1 and KLB+GD+GNM at klb 1
+# and 3 in the runs of 6cc8592 and 338b2e6 (docs/results.md at those commits): dropped to keep the run short.
 GNM_GRID = (
     gnm_variant(("ga", "klr", "gnm"), whole_text=True, ga=1.0, gnm=1.0),
-    gnm_variant(("simnpo", "gd", "gnm"), whole_text=True, simnpo=1.0, gd=1.0, gnm=0.2),
     # SimNPO's margin δ stops the ascent once a forget document's mean NLL passes it (δ 0 stops near 1 nat, far
     # below the ~5.5 nats of text the target never read, so the attack still tells members apart): δ near the
     # non-members' NLL takes the whole documents up to where the non-members are, and no further.
     gnm_variant(("simnpo", "gd", "gnm"), whole_text=True, simnpo_delta=5.0, simnpo=1.0, gd=5.0, gnm=0.2),
     # `klb` pulls the forget documents towards the base model, the target before it read them (for LUME's target,
     # the public OLMo checkpoint the organisers fine-tuned): they end like text it never read, without the drift
-    # of an ascent alone, which takes the non-members up with them. At weight 1 it brought the members only part of
-    # the way in the run of 6cc8592 (3.6 nats against the non-members' 5.3), hence weight 3 as well. SimNPO's margin
-    # at or above the non-members' NLL.
-    *(gnm_variant(("klb", "gd", "gnm"), whole_text=True, klb=klb, gd=5.0, gnm=0.2) for klb in (1.0, 3.0)),
+    # of an ascent alone, which takes the non-members up with them. Alone with gd (weight 1 or 3) it never moved the
+    # MIA score; with SimNPO's margin at or above the non-members' NLL it does.
     *(gnm_variant(("simnpo", "klb", "gd", "gnm"), whole_text=True, simnpo_delta=delta, simnpo=1.0, klb=1.0, gd=5.0,
                   gnm=0.2) for delta in (5.0, 5.5, 6.0)),
 )
@@ -133,8 +134,10 @@ METHODS = (
            merged=((1.0, (("gd", 0.2), ("klr", 0.4), ("npo", 0.4))), (0.5, (("gd", 0.4), ("klr", 0.3), ("npo", 0.3))))),
     # SHA256: only the first layers adapted (0-5 of OLMo-7B's 32; here layer 0 of 4), gradient difference.
     Method("Layer-selective GA+GD (SHA256)", ("ga", "gd"), weights=(("ga", 1.0), ("gd", 1.0)), lora_layers=(0,)),
-    # Distillation of the forget documents to the base model (the target before it read them), with retain descent.
-    Method("KLB+GD (forget set distilled to the base model)", ("klb", "gd"), weights=(("gd", 1.0), ("klb", 1.0)),
+    # Distillation of the forget documents to the base model (the target before it read them), with retain descent:
+    # not in the cpu preset's run (its MIA score stayed at 0.03 or below, on validation and on the train rows, in the
+    # runs of 6cc8592 and 338b2e6); `--methods klb-gd-forget-set-distilled-to-the-base-model` runs it.
+    Method(KLB_GD, ("klb", "gd"), weights=(("gd", 1.0), ("klb", 1.0)),
            options=(("forget_completion_only_loss", False),)),
     Method("GNM (paper)", ("ga", "klr", "gnm"), negatives="perturb"),
     # The ablation of GNM's tuned choice: the same terms, weights, margin and whole documents, without the gnm term.
@@ -186,6 +189,7 @@ PRESETS = {
         # (non-members ended at 7.39 nats, uniform is 7.62), a tenth let the fine-tuning drift (5.45 against 4.95).
         target={"hidden_size": 256, "num_layers": 4, "num_heads": 4, "epochs": 40, "include_validation": True,
                 "pretraining_epochs": 7, "pretraining_replay": 0.25},
+        methods=tuple(method.name for method in METHODS if method.name != KLB_GD),
     ),
     "gpu": Preset(
         # About half of LUME's documents (of each task and partition); the other half is the pretraining text.
@@ -203,7 +207,7 @@ PRESETS = {
         max_steps=4, eval_every=2, batch_size=4, seeds=(0, 1), curve_seeds=(0, 1), negative_levels=2, max_new_tokens=16,
         mia_nonmembers=4, heldout_documents=4, heldout_per_task=1,
         methods=("GA", "Merged NPO+GD+KL (ZJUKLAB)", "Layer-selective GA+GD (SHA256)",
-                 "KLB+GD (forget set distilled to the base model)", "GNM (paper)", "GNM (tuned on validation)"),
+                 KLB_GD, "GNM (paper)", TUNED_GNM),
         attacks=("quant8", "relearn"), grid_points=2, attack_max_new_tokens=16,
     ),
 }
@@ -381,6 +385,21 @@ class Job:
     # (first step, every): keep the step at which the forget documents look most like unseen text
     # (`MembershipCallback`), scored from the first step on; None: the last step is the model
     keep_best_membership: tuple[int, int] | None = None
+    # The method's fixed-length row, recorded on the way by a run that keeps its step on membership (the same run
+    # up to that step: with a constant learning rate, what a run of that many steps ends with)
+    fixed_length: "FixedLengthRow | None" = None
+
+
+@dataclass(frozen=True)
+class FixedLengthRow:
+    """The fixed-length job that a run keeping its step on membership records on its way: the state at `max_steps`,
+    evaluated every `eval_every` steps, its adapter saved when asked; the name and method its record takes."""
+
+    name: str
+    method_name: str
+    max_steps: int
+    eval_every: int
+    save_adapter: bool = False
 
 
 # Preset fields that do not change what one job computes: editing them keeps the cache.
@@ -437,7 +456,8 @@ def unlearn(model, tokenizer, method: Method, weights, partition: str, seed: int
 
 def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, threads: int) -> dict:
     """Unlearn with `job.method`, evaluating every `eval_every` steps (a merged method: its two adapters, merged,
-    evaluated once); writes and returns the job's record."""
+    evaluated once); writes and returns the job's record (with `job.fixed_length`'s record under
+    "fixed_length_record")."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -449,50 +469,89 @@ def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, th
     documents = documents_for_evaluation(workspace.data_dir, preset, job.partition)
     tokenizer = AutoTokenizer.from_pretrained(workspace.target_dir)
     curve: list[dict] = []
+    fixed_length: dict = {}
 
-    def measure(current_model, step: int) -> None:
+    def measure(current_model, step: int, points: list[dict], name: str = job.name) -> None:
         metrics, _ = measure_model(current_model, tokenizer, forget, retain, documents, preset)
-        curve.append({"step": step, **metrics})
-        print(f"[quality] {job.name} step {step}: HM12 {metrics['hm12']:.3f}, MIA score {metrics['mia_score']:.3f}",
+        points.append({"step": step, **metrics})
+        print(f"[quality] {name} step {step}: HM12 {metrics['hm12']:.3f}, MIA score {metrics['mia_score']:.3f}",
               flush=True)
 
+    def save_adapter(model, name: str) -> None:
+        model.save_pretrained(workspace.adapter_dir(name))
+        tokenizer.save_pretrained(workspace.adapter_dir(name))
+
     class EvaluateEvery(TrainerCallback):
+        """Measures every `every` steps and at step `last` into `points`, under the record name `name`; at `last`,
+        `at_last(model, state)` when given."""
+
+        def __init__(self, every: int, last: int, points: list[dict], name: str = job.name, at_last=None):
+            self.every, self.last, self.points, self.name, self.at_last = every, last, points, name, at_last
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % job.eval_every == 0 or state.global_step == state.max_steps:
-                measure(model, state.global_step)
+            step = state.global_step
+            if step <= self.last and (step % self.every == 0 or step == self.last):
+                measure(model, step, self.points, self.name)
+                if step == self.last and self.at_last:
+                    self.at_last(model, state)
+
+    def fixed_length_callbacks() -> list:
+        row = job.fixed_length
+        if row is None:
+            return []
+
+        def record_fixed_length(model, state) -> None:
+            if row.save_adapter:
+                save_adapter(model, row.name)
+            fixed_length.update(wall_seconds=time.perf_counter() - started,
+                                log_history=[entry for entry in state.log_history if "loss" in entry])
+
+        fixed_length["curve"] = []
+        return [EvaluateEvery(row.eval_every, row.max_steps, fixed_length["curve"], row.name, record_fixed_length)]
 
     scratch = os.path.join(workspace.output, "scratch", job.name)
     losses, kept = [], None
     if job.method.merged:
         model = merged_model(job, preset, workspace, tokenizer, scratch)
-        measure(model, job.max_steps)
+        measure(model, job.max_steps, curve)
     elif job.keep_best_membership:
-        model, losses, kept = unlearn_keeping_best_membership(job, preset, workspace, tokenizer, documents, scratch)
-        measure(model, kept["step"])
+        model, losses, kept = unlearn_keeping_best_membership(job, preset, workspace, tokenizer, documents, scratch,
+                                                              fixed_length_callbacks())
+        measure(model, kept["step"], curve)
     else:
         model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
         trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
-                          preset, workspace, scratch, callbacks=[EvaluateEvery()])
+                          preset, workspace, scratch, callbacks=[EvaluateEvery(job.eval_every, job.max_steps, curve)])
         losses = [entry for entry in trainer.state.log_history if "loss" in entry]
         model = trainer.model
     if job.save_adapter:
-        model.save_pretrained(workspace.adapter_dir(job.name))
-        tokenizer.save_pretrained(workspace.adapter_dir(job.name))
-    record = {
-        "name": job.name, "method": job.method.name, "seed": job.seed, "partition": job.partition,
-        "loss_terms": list(job.method.loss_terms), "weights": dict(job.method.weights),
-        "options": dict(job.method.options), "max_steps": job.max_steps,
-        "fingerprint": fingerprint, "curve": curve, "log_history": losses,
-        **({"kept_step": kept["step"], "membership": kept["membership"]} if kept else {}),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
+        save_adapter(model, job.name)
+    record = job_record(job.name, job.method, job.seed, job.partition, job.max_steps, fingerprint, curve, losses,
+                        time.perf_counter() - started)
+    if kept:
+        record.update(kept_step=kept["step"], membership=kept["membership"])
+    if job.fixed_length:
+        row = job.fixed_length
+        record["fixed_length_record"] = {
+            **job_record(row.name, replace(job.method, name=row.method_name), job.seed, job.partition, row.max_steps,
+                         fingerprint, fixed_length["curve"], fixed_length["log_history"],
+                         fixed_length["wall_seconds"]),
+            "recorded_by": job.name}
     atomic_write_json(workspace.job_path(job.name), record)
     return record
 
 
+def job_record(name: str, method: Method, seed: int, partition: str, max_steps: int, fingerprint: str,
+               curve: list[dict], log_history: list[dict], wall_seconds: float) -> dict:
+    return {"name": name, "method": method.name, "seed": seed, "partition": partition,
+            "loss_terms": list(method.loss_terms), "weights": dict(method.weights), "options": dict(method.options),
+            "max_steps": max_steps, "fingerprint": fingerprint, "curve": curve, "log_history": log_history,
+            "wall_seconds": round(wall_seconds, 1)}
+
+
 def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspace, tokenizer, documents: dict,
-                                    scratch: str):
-    """Unlearn for `job.max_steps`, scoring the MIA members against the reference documents from the window's first
+                                    scratch: str, callbacks=()):
+    """Unlearn for `job.max_steps` (with `callbacks` as well), scoring the MIA members against the reference documents from the window's first
     step on (`MembershipCallback`), and load the best step back; `(model, loss log, kept)` where `kept` has the
     kept step and every scored step's figures."""
     from transformers import AutoModelForCausalLM
@@ -505,7 +564,7 @@ def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspa
                                     start_step=start_step, tokenizer=tokenizer, batch_size=preset.eval_batch_size)
     model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
     trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
-                      preset, workspace, scratch, callbacks=[membership])
+                      preset, workspace, scratch, callbacks=[membership, *callbacks])
     kept = keep_best_membership_step(trainer, membership)
     history = trainer.state.log_history
     scored = [{"step": entry["step"], **{key.removeprefix(LOG_PREFIX): value for key, value in entry.items()
@@ -568,15 +627,20 @@ def run_pool(tasks: list[tuple[str, str, tuple]], workers: int) -> tuple[dict[st
 
 def run_jobs(jobs: list[Job], preset: Preset, workspace: Workspace, target_fingerprint: str, workers: int,
              threads: int) -> tuple[list[dict], int]:
-    """Every job's record, from cache when its fingerprint matches, else run on `workers` processes; and how many
-    ran."""
+    """Every job's record (and after it, the record of the fixed-length row it recorded on its way), from cache when
+    its fingerprint matches, else run on `workers` processes; and how many ran."""
     tasks = []
-    for job in jobs:
+    for job in sorted(jobs, key=lambda job: -job.max_steps):  # the longest first: the short ones fill the tail
         fingerprint = job_fingerprint(job, preset, target_fingerprint)
         tasks.append((job.name, (workspace.job_path(job.name), fingerprint),
                       (run_job, job, preset, workspace, fingerprint, threads)))
     records, ran = run_pool(tasks, workers)
-    return [records[job.name] for job in jobs], ran
+    ordered = []
+    for job in jobs:
+        record = dict(records[job.name])
+        fixed_length = record.pop("fixed_length_record", None)
+        ordered += [record, fixed_length] if fixed_length else [record]
+    return ordered, ran
 
 
 def slug(text: str) -> str:
@@ -659,36 +723,47 @@ def recommended_row(method_name: str) -> str:
     return f"Recommended ({membership_row(method_name)})"
 
 
-def membership_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int], row: str,
-                    prefix: str) -> list[Job]:
+def membership_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int], row: str, prefix: str,
+                    with_fixed_length: bool = False) -> list[Job]:
     """`method`'s choice on validation on the train rows as the row `row`: trained up to the window's end, keeping
-    the step (in the window) whose members the reference documents tell apart the least."""
+    the step (in the window) whose members the reference documents tell apart the least. `with_fixed_length`: each
+    run also records `method`'s own row (`fixed_length_jobs`) on its way, instead of a run of its own."""
     variant = replace(chosen_variant(method, choice, preset), name=row)
-    first, last, every = membership_schedule(in_train_steps(choice["step"], rows))
+    steps = in_train_steps(choice["step"], rows)
+    first, last, every = membership_schedule(steps)
+    fixed_length = {job.seed: FixedLengthRow(job.name, method.name, job.max_steps, job.eval_every, job.save_adapter)
+                    for job in fixed_length_jobs(preset, method, choice, rows)} if with_fixed_length else {}
     return [Job(f"{prefix}_seed{seed}", variant, seed, "train", last, last, save_adapter=seed in preset.attack_seeds,
-                keep_best_membership=(first, every)) for seed in preset.seeds]
+                keep_best_membership=(first, every), fixed_length=fixed_length.get(seed)) for seed in preset.seeds]
+
+
+def fixed_length_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int]) -> list[Job]:
+    """`method` x seed on the train rows, as many epochs as its choice on validation; seeds in `curve_seeds`
+    evaluated at the train steps of the validation evaluations too."""
+    variant = chosen_variant(method, choice, preset)
+    steps = in_train_steps(choice["step"], rows)
+    return [Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", steps,
+                in_train_steps(preset.eval_every, rows) if seed in preset.curve_seeds else steps,
+                save_adapter=seed in preset.attack_seeds) for seed in preset.seeds]
 
 
 def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], rows: dict[str, int],
                recommended: str | None = None, kept_on_membership: tuple[str, ...] = ()) -> list[Job]:
-    """Every method x seed on the train rows, as many epochs as its choice on validation; seeds in `curve_seeds`
-    evaluated at the train steps of the validation evaluations too. With `recommended` (a method's name), the
-    recommended recipe as well: that method keeping its step on membership (`membership_jobs`); the methods named
-    in `kept_on_membership` get such a row too, to compare them with it on equal terms."""
+    """Every method's `fixed_length_jobs`. With `recommended` (a method's name), the recommended recipe as well:
+    that method keeping its step on membership (`membership_jobs`); the methods named in `kept_on_membership` get
+    such a row too, to compare them with it on equal terms. A method with such a row records its fixed-length row
+    on the way (the first `steps` of the same runs) rather than in runs of its own."""
     jobs = []
     for method in methods:
         choice = choices[method.name]
-        variant = chosen_variant(method, choice, preset)
-        steps = in_train_steps(choice["step"], rows)
-        for seed in preset.seeds:
-            eval_every = in_train_steps(preset.eval_every, rows) if seed in preset.curve_seeds else steps
-            jobs.append(Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", steps, eval_every,
-                            save_adapter=seed in preset.attack_seeds))
-        if method.name == recommended:
-            jobs += membership_jobs(preset, method, choice, rows, recommended_row(method.name), "recommended")
-        if method.name in kept_on_membership:
-            jobs += membership_jobs(preset, method, choice, rows, membership_row(method.name),
-                                    f"{slug(method.name)}_kept-on-membership")
+        rows_kept = ([(recommended_row(method.name), "recommended")] if method.name == recommended else []) + (
+            [(membership_row(method.name), f"{slug(method.name)}_kept-on-membership")]
+            if method.name in kept_on_membership else [])
+        shares_runs = bool(rows_kept) and not method.merged  # a merged method's runs have no step to share
+        if not shares_runs:
+            jobs += fixed_length_jobs(preset, method, choice, rows)
+        for index, (row, prefix) in enumerate(rows_kept):
+            jobs += membership_jobs(preset, method, choice, rows, row, prefix, with_fixed_length=shares_runs and not index)
     return jobs
 
 

@@ -86,21 +86,33 @@ def test_the_recommended_recipe_runs_in_a_window_around_the_chosen_length_and_ke
     rows = {"forget_train": 208, "forget_validation": 84}
     method = quality.METHODS[0]
     choice = {"loss_terms": list(method.loss_terms), "weights": dict(method.weights), "step": 63}  # 156 train steps
-    jobs = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows, recommended=method.name)
-    plain, kept = jobs[:3], jobs[3:]
-    assert [job.max_steps for job in plain] == [156] * 3 and all(job.keep_best_membership is None for job in plain)
+    kept = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows, recommended=method.name)
     assert [(job.name, job.seed, job.max_steps, job.keep_best_membership, job.save_adapter) for job in kept] == [
         ("recommended_seed0", 0, 208, (104, 13), True), ("recommended_seed1", 1, 208, (104, 13), False),
         ("recommended_seed2", 2, 208, (104, 13), False)]  # from 2/3 to 4/3 of 156 steps, scored every 13
     assert {job.method.name for job in kept} == {quality.recommended_row(method.name)}
     assert {(job.method.loss_terms, job.method.weights) for job in kept} == {(method.loss_terms, method.weights)}
-    assert len(quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)) == 3  # none asked
+    # The method's own row (156 steps, seed 0 evaluated every 52) is recorded on the way by the same runs:
+    plain = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)  # none asked
+    assert [job.fixed_length for job in kept] == [
+        quality.FixedLengthRow(job.name, method.name, job.max_steps, job.eval_every, job.save_adapter) for job in plain]
+    assert [(job.max_steps, job.eval_every) for job in plain] == [(156, 52), (156, 156), (156, 156)]
     # Another method kept on membership as the recommended recipe is, to compare the two on equal terms:
     other = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows,
-                               kept_on_membership=(method.name,))[3:]
+                               kept_on_membership=(method.name,))
     assert [(job.name, job.keep_best_membership) for job in other] == [
         (f"ga_kept-on-membership_seed{seed}", (104, 13)) for seed in (0, 1, 2)]
     assert {job.method.name for job in other} == {quality.membership_row(method.name)} == {"GA, step kept on membership"}
+    assert [job.fixed_length for job in other] == [job.fixed_length for job in kept]
+    both = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows, recommended=method.name,
+                              kept_on_membership=(method.name,))
+    assert [job.fixed_length is not None for job in both] == [True] * 3 + [False] * 3  # recorded once
+    merged = next(method for method in quality.METHODS if method.merged)  # its runs have no step to share
+    choice = {"loss_terms": list(merged.loss_terms), "weights": dict(merged.weights), "step": 63}
+    jobs = quality.train_jobs(quality.PRESETS["cpu"], [merged], {merged.name: choice}, rows, recommended=merged.name)
+    assert [(job.name, job.fixed_length) for job in jobs] == [
+        *((f"{quality.slug(merged.name)}_seed{seed}", None) for seed in (0, 1, 2)),
+        *((f"recommended_seed{seed}", None) for seed in (0, 1, 2))]
 
 
 def test_a_variant_of_the_gnm_grid_is_chosen_and_trained_with_its_own_options():
@@ -183,6 +195,14 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     markdown = (output / "summary.md").read_text()
     assert "| GNM (paper) |" in markdown and "quant8 recovery" in markdown and f"| {row} |" in markdown
     assert f"{row}:" in markdown  # its table of membership scores by step
+    # The recommended method's own rows were recorded on the way by the recommended recipe's runs (a merged method's
+    # runs have no step to share: unit-tested above):
+    shares_runs = not next(method for method in quality.METHODS if method.name == recommended).merged
+    for seed in preset.seeds if shares_runs else ():
+        shared = json.loads((output / "runs" / f"recommended_seed{seed}.json").read_text())["fixed_length_record"]
+        assert (shared["name"], shared["method"], shared["recorded_by"]) == (
+            f"{quality.slug(recommended)}_seed{seed}", recommended, f"recommended_seed{seed}")
+        assert not (output / "runs" / f"{shared['name']}.json").exists()
     assert json.loads((output / "summary.json").read_text())["run"]["preset"] == "smoke"
 
     runs = sorted((output / "runs").iterdir()) + sorted((output / "attacks").iterdir())
