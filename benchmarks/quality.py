@@ -30,7 +30,7 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
    record the method's own fixed-length row on their way (the state at its length, evaluated like the others).
    Every method trains on GNMConfig's default text, prompt and completion joined by one space, the raw prompts the
    evaluation feeds.
-6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4) and relearned (RTT on half of the
+6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4; the cpu preset: 4-bit) and relearned (RTT on half of the
    forget documents, the other half scored) by `gnm_trainer.evaluation.attacks.run_attacks`; the recovery is the
    share of what unlearning removed that came back.
 7. `summary.md`, `summary.json` and `tradeoff.png` in `--output`: mean +- sd over seeds, the curves, the attacks.
@@ -87,6 +87,7 @@ class Method:
 
 TUNED_GNM = "GNM (tuned on validation)"
 KLB_GD = "KLB+GD (forget set distilled to the base model)"
+ABLATION = "SimNPO+KLB+GD, margin 5.5, whole documents (no gnm)"
 
 
 def gnm_variant(loss_terms: tuple[str, ...], whole_text: bool = False, simnpo_delta: float | None = None,
@@ -96,26 +97,22 @@ def gnm_variant(loss_terms: tuple[str, ...], whole_text: bool = False, simnpo_de
     return Method(TUNED_GNM, loss_terms, tuple(sorted(weights.items())), negatives="perturb", options=options)
 
 
-# What "GNM (tuned on validation)" tries: the gradual negatives with an ascent on the whole forget document
-# (`forget_completion_only_loss=False`: the membership attack scores whole documents, and a completion-only ascent
-# leaves every prompt memorised) and with the `klb` term. The completion-only variants of the paper's terms, of NPO and
-# of SimNPO, and matching alone with the retain KL (10 variants) scored below every whole-document variant on
-# validation in the run of commit b17e659; NPO+GD+GNM, SimNPO+GD+GNM at gnm 1 and at margins 3 and 4 kept an MIA
-# score of 0 at every validation step in the run of 6cc8592, and so did SimNPO+GD+GNM at gd 1 and KLB+GD+GNM at klb 1
-# and 3 in the runs of 6cc8592 and 338b2e6 (docs/results.md at those commits): dropped to keep the run short.
-GNM_GRID = (
-    gnm_variant(("ga", "klr", "gnm"), whole_text=True, ga=1.0, gnm=1.0),
-    # SimNPO's margin δ stops the ascent once a forget document's mean NLL passes it (δ 0 stops near 1 nat, far
-    # below the ~5.5 nats of text the target never read, so the attack still tells members apart): δ near the
-    # non-members' NLL takes the whole documents up to where the non-members are, and no further.
-    gnm_variant(("simnpo", "gd", "gnm"), whole_text=True, simnpo_delta=5.0, simnpo=1.0, gd=5.0, gnm=0.2),
-    # `klb` pulls the forget documents towards the base model, the target before it read them (for LUME's target,
-    # the public OLMo checkpoint the organisers fine-tuned): they end like text it never read, without the drift
-    # of an ascent alone, which takes the non-members up with them. Alone with gd (weight 1 or 3) it never moved the
-    # MIA score; with SimNPO's margin at or above the non-members' NLL it does.
-    *(gnm_variant(("simnpo", "klb", "gd", "gnm"), whole_text=True, simnpo_delta=delta, simnpo=1.0, klb=1.0, gd=5.0,
-                  gnm=0.2) for delta in (5.0, 5.5, 6.0)),
-)
+# What "GNM (tuned on validation)" tries: the gradual negatives with SimNPO's margin and the `klb` term on whole
+# forget documents (`forget_completion_only_loss=False`: the membership attack scores whole documents, and a
+# completion-only ascent leaves every prompt memorised). SimNPO's margin δ stops the ascent once a forget document's
+# mean NLL passes it (δ 0 stops near 1 nat, far below the ~5.5 nats of text the target never read, so the attack
+# still tells members apart): δ near the non-members' NLL takes the whole documents up to where the non-members are,
+# and no further. `klb` pulls the forget documents towards the base model, the target before it read them (for
+# LUME's target, the public OLMo checkpoint the organisers fine-tuned): they end like text it never read, without
+# the drift of an ascent alone, which takes the non-members up with them.
+# Dropped to keep the run short, each below these variants on validation (docs/results.md at those commits): the
+# completion-only variants of the paper's terms, of NPO and of SimNPO, and matching alone with the retain KL (10
+# variants, run of b17e659); NPO+GD+GNM, SimNPO+GD+GNM at gnm 1 and at margins 3 and 4 (MIA score 0 at every
+# validation step, run of 6cc8592); SimNPO+GD+GNM at gd 1 and KLB+GD+GNM at klb 1 and 3 (MIA score 0 at every
+# validation step, runs of 6cc8592 and 338b2e6); the paper's terms on whole documents (GA 1 + KL + GNM 1: best
+# validation final 0.71) and SimNPO+GD+GNM at margin 5 without `klb` (0.88), run of 338b2e6.
+GNM_GRID = tuple(gnm_variant(("simnpo", "klb", "gd", "gnm"), whole_text=True, simnpo_delta=delta, simnpo=1.0, klb=1.0,
+                             gd=5.0, gnm=0.2) for delta in (5.0, 5.5, 6.0))
 
 METHODS = (
     Method("GA", ("ga",)),
@@ -141,7 +138,8 @@ METHODS = (
            options=(("forget_completion_only_loss", False),)),
     Method("GNM (paper)", ("ga", "klr", "gnm"), negatives="perturb"),
     # The ablation of GNM's tuned choice: the same terms, weights, margin and whole documents, without the gnm term.
-    Method("SimNPO+KLB+GD, margin 5.5, whole documents (no gnm)", ("simnpo", "klb", "gd"),
+    # Not in the cpu preset's run: `--kept_on_membership` runs it beside the recommended recipe, on equal terms.
+    Method(ABLATION, ("simnpo", "klb", "gd"),
            weights=(("gd", 5.0), ("klb", 1.0), ("simnpo", 1.0)),
            options=(("forget_completion_only_loss", False), ("simnpo_delta", 5.5)), ablation=True),
     Method(TUNED_GNM, ("ga", "klr", "gnm"), negatives="perturb", grid=GNM_GRID),
@@ -161,7 +159,8 @@ class Preset:
     learning_rate: float = 5e-3
     lora_r: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
-    curve_seeds: tuple[int, ...] = (0,)  # evaluated every `eval_every` steps; the other seeds only at the end
+    curve_seeds: tuple[int, ...] = (0,)  # evaluated every `curve_every` steps; the other seeds only at the end
+    curve_every: int | None = None  # validation steps between two evaluations of a curve seed on train (None: eval_every)
     negative_levels: int = 4
     max_new_tokens: int = 256
     eval_batch_size: int = 32
@@ -189,7 +188,10 @@ PRESETS = {
         # (non-members ended at 7.39 nats, uniform is 7.62), a tenth let the fine-tuning drift (5.45 against 4.95).
         target={"hidden_size": 256, "num_layers": 4, "num_heads": 4, "epochs": 40, "include_validation": True,
                 "pretraining_epochs": 7, "pretraining_replay": 0.25},
-        methods=tuple(method.name for method in METHODS if method.name != KLB_GD),
+        # Every other validation interval on the curves, quant4 (the stronger quantisation) without quant8, and
+        # neither KLB+GD nor the ablation: the run within 90 minutes on 2 cores.
+        methods=tuple(method.name for method in METHODS if method.name not in (KLB_GD, ABLATION)),
+        curve_every=42, attacks=("quant4", "relearn"),
     ),
     "gpu": Preset(
         # About half of LUME's documents (of each task and partition); the other half is the pretraining text.
@@ -403,7 +405,7 @@ class FixedLengthRow:
 
 
 # Preset fields that do not change what one job computes: editing them keeps the cache.
-NOT_IN_JOB = ("methods", "attacks", "attack_seeds", "seeds", "curve_seeds", "grid_points")
+NOT_IN_JOB = ("methods", "attacks", "attack_seeds", "seeds", "curve_seeds", "curve_every", "grid_points")
 
 
 def job_fingerprint(job: Job, preset: Preset, target_fingerprint: str) -> str:
@@ -739,11 +741,11 @@ def membership_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str
 
 def fixed_length_jobs(preset: Preset, method: Method, choice: dict, rows: dict[str, int]) -> list[Job]:
     """`method` x seed on the train rows, as many epochs as its choice on validation; seeds in `curve_seeds`
-    evaluated at the train steps of the validation evaluations too."""
+    evaluated on the way too, every `curve_every` validation steps in train steps."""
     variant = chosen_variant(method, choice, preset)
     steps = in_train_steps(choice["step"], rows)
     return [Job(f"{slug(method.name)}_seed{seed}", variant, seed, "train", steps,
-                in_train_steps(preset.eval_every, rows) if seed in preset.curve_seeds else steps,
+                in_train_steps(preset.curve_every or preset.eval_every, rows) if seed in preset.curve_seeds else steps,
                 save_adapter=seed in preset.attack_seeds) for seed in preset.seeds]
 
 
@@ -839,6 +841,14 @@ def select_methods(names: str | None, preset: Preset, option: str = "--methods")
     return [method for method in METHODS if method in {by_name[name] for name in wanted}]
 
 
+def run_methods(names: str | None, kept_names: str, preset: Preset) -> tuple[list[Method], tuple[str, ...]]:
+    """The methods of a run (`--methods`, plus those of `--kept_on_membership` not in it) and the names of those
+    kept on membership."""
+    kept = select_methods(kept_names, preset, "--kept_on_membership") if kept_names else []
+    methods = [method for method in METHODS if method in {*select_methods(names, preset), *kept}]
+    return methods, tuple(method.name for method in kept)
+
+
 def evaluate_target(workspace: Workspace, preset: Preset, target_info: dict) -> dict:
     """The target's figures on the train rows, its forget rows scored as the attacks score (their reference), and
     its language-ability report; cached by the target's fingerprint."""
@@ -878,7 +888,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default=None, help="comma-separated method names or slugs (default: the "
                         f"preset's); slugs: {', '.join(slug(method.name) for method in METHODS)}")
     parser.add_argument("--kept_on_membership", default="", help="comma-separated methods (names or slugs) that also "
-                        "run as the recommended recipe does, keeping their step on membership, each as its own row")
+                        "run as the recommended recipe does, keeping their step on membership, each as its own row "
+                        "(added to the run's methods when not in them)")
     parser.add_argument("--workers", type=int, default=1, help="unlearning runs in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
     args = parser.parse_args(argv)
@@ -886,10 +897,7 @@ def main(argv=None) -> dict:
     import torch
 
     preset = PRESETS[args.preset]
-    methods = select_methods(args.methods, preset)
-    kept_on_membership = (tuple(method.name for method in select_methods(args.kept_on_membership, preset,
-                                                                         "--kept_on_membership"))
-                          if args.kept_on_membership else ())
+    methods, kept_on_membership = run_methods(args.methods, args.kept_on_membership, preset)
     output = os.path.abspath(args.output or os.path.join(HERE, "results", "quality", args.preset))
     data_source = args.data or (os.path.normpath(DEFAULT_LUME) if os.path.isdir(DEFAULT_LUME) else LUME_HUB_ID)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))

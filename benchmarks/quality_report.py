@@ -129,7 +129,10 @@ def attack_figure(attacks: dict[str, dict], method: str, attack: str, key: str) 
 
 
 def steps_cell(runs: Sequence[dict]) -> str:
-    """The steps of a method's runs: their length, or for runs that kept a step on membership, each kept step."""
+    """The steps of a method's runs: their length (and the runs that recorded them on their way, if any), or for
+    runs that kept a step on membership, each kept step."""
+    if "recorded_by" in runs[0]:
+        return f"{runs[0]['max_steps']} (of the runs {runs[0]['recorded_by'].rsplit('_seed', 1)[0]})"
     if "kept_step" not in runs[0]:
         return str(runs[0]["max_steps"])
     return f"{', '.join(str(run['kept_step']) for run in runs)} of {runs[0]['max_steps']}"

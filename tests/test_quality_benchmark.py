@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from dataclasses import replace
+
 import pytest
 from conftest import LUME_DIR
 
@@ -79,7 +81,10 @@ def test_train_runs_last_as_many_epochs_as_the_choice_on_validation():
     method = quality.METHODS[0]
     choice = {"loss_terms": list(method.loss_terms), "weights": dict(method.weights), "step": 42}
     jobs = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)
-    assert [(job.seed, job.max_steps, job.eval_every) for job in jobs] == [(0, 115, 57), (1, 115, 115), (2, 115, 115)]
+    assert [(job.seed, job.max_steps, job.eval_every) for job in jobs] == [(0, 115, 115), (1, 115, 115), (2, 115, 115)]
+    every_interval = replace(quality.PRESETS["cpu"], curve_every=None)  # the curve seed at every validation interval
+    assert [job.eval_every for job in quality.train_jobs(every_interval, [method], {method.name: choice}, rows)] == [
+        57, 115, 115]
 
 
 def test_the_recommended_recipe_runs_in_a_window_around_the_chosen_length_and_keeps_a_step_on_membership():
@@ -92,11 +97,12 @@ def test_the_recommended_recipe_runs_in_a_window_around_the_chosen_length_and_ke
         ("recommended_seed2", 2, 208, (104, 13), False)]  # from 2/3 to 4/3 of 156 steps, scored every 13
     assert {job.method.name for job in kept} == {quality.recommended_row(method.name)}
     assert {(job.method.loss_terms, job.method.weights) for job in kept} == {(method.loss_terms, method.weights)}
-    # The method's own row (156 steps, seed 0 evaluated every 52) is recorded on the way by the same runs:
+    # The method's own row (156 steps, seed 0 evaluated every 104: 42 validation steps) is recorded on the way by
+    # the same runs:
     plain = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows)  # none asked
     assert [job.fixed_length for job in kept] == [
         quality.FixedLengthRow(job.name, method.name, job.max_steps, job.eval_every, job.save_adapter) for job in plain]
-    assert [(job.max_steps, job.eval_every) for job in plain] == [(156, 52), (156, 156), (156, 156)]
+    assert [(job.max_steps, job.eval_every) for job in plain] == [(156, 104), (156, 156), (156, 156)]  # curve: 42
     # Another method kept on membership as the recommended recipe is, to compare the two on equal terms:
     other = quality.train_jobs(quality.PRESETS["cpu"], [method], {method.name: choice}, rows,
                                kept_on_membership=(method.name,))
@@ -144,6 +150,12 @@ def test_methods_option_selects_a_subset_by_name_or_slug():
     assert len(quality.select_methods(None, preset)) == len(preset.methods)
     with pytest.raises(SystemExit, match="unknown.*'nope'"):
         quality.select_methods("ga,nope", preset)
+    # --kept_on_membership adds its methods to the run (in METHODS' order) when they are not in it:
+    assert quality.ABLATION not in preset.methods
+    methods, kept = quality.run_methods("gnm-paper,ga", "simnpo-klb-gd-margin-5-5-whole-documents-no-gnm,ga", preset)
+    assert [method.name for method in methods] == ["GA", "GNM (paper)", quality.ABLATION]
+    assert kept == ("GA", quality.ABLATION)
+    assert quality.run_methods(None, "", preset) == (quality.select_methods(None, preset), ())
 
 
 def test_gibberish_and_qa_comparison():
@@ -203,6 +215,8 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
         assert (shared["name"], shared["method"], shared["recorded_by"]) == (
             f"{quality.slug(recommended)}_seed{seed}", recommended, f"recommended_seed{seed}")
         assert not (output / "runs" / f"{shared['name']}.json").exists()
+    if shares_runs:
+        assert f"| {recommended} | {shared['max_steps']} (of the runs recommended) |" in markdown
     assert json.loads((output / "summary.json").read_text())["run"]["preset"] == "smoke"
 
     runs = sorted((output / "runs").iterdir()) + sorted((output / "attacks").iterdir())
