@@ -30,9 +30,10 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
    record the method's own fixed-length row on their way (the state at its length, evaluated like the others).
    Every method trains on GNMConfig's default text, prompt and completion joined by one space, the raw prompts the
    evaluation feeds.
-6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4; the cpu preset: 4-bit) and relearned (RTT on half of the
-   forget documents, the other half scored) by `gnm_trainer.evaluation.attacks.run_attacks`; the recovery is the
-   share of what unlearning removed that came back.
+6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4; the cpu preset: 4-bit only) and
+   relearned (RTT on half of the forget documents, the other half scored) by
+   `gnm_trainer.evaluation.attacks.run_attacks`; the recovery is the share of what unlearning removed that came
+   back.
 7. `summary.md`, `summary.json` and `tradeoff.png` in `--output`: mean +- sd over seeds, the curves, the attacks.
 
 The metric per evaluation: the official one (regurgitation and knowledge per task and split, HM12, MIA AUC and
