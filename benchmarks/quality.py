@@ -23,11 +23,13 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
    among the points that did not collapse. The train rows are never looked at. "Recommended" is the method whose
    choice scored best.
 5. Comparison: every method x seed unlearns the train forget set for its chosen number of epochs (LoRA, same
-   optimiser and constant learning rate for all, so that the state at step s is what a run of s steps ends with;
-   collapse guard off so that a collapse shows), evaluated at the end (seed 0 also every `eval_every` steps).
+   optimiser and constant learning rate for all, so that the state at step s is what a run of s steps ends with,
+   except where the loss moves with the run's progress: gnm's gradual schedule; collapse guard off so that a
+   collapse shows), evaluated at the end (seed 0 also on the way, every `curve_every` validation steps).
    The recommended recipe is the recommended method's choice trained to 4/3 of its length, keeping the step at
    which its forget documents look most like reference documents it never read (`MembershipCallback`); those runs
-   record the method's own fixed-length row on their way (the state at its length, evaluated like the others).
+   record the method's own row on their way: the same runs stopped at the chosen length, evaluated like the others
+   (for a gnm method, its negatives then stand at 3/4 of their schedule, not at its end as in a run of that length).
    Every method trains on GNMConfig's default text, prompt and completion joined by one space, the raw prompts the
    evaluation feeds.
 6. Attacks: the seed-0 adapter of every method is quantised (8-bit, 4-bit NF4; the cpu preset: 4-bit only) and
@@ -161,7 +163,7 @@ class Preset:
     lora_r: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
     curve_seeds: tuple[int, ...] = (0,)  # evaluated every `curve_every` steps; the other seeds only at the end
-    curve_every: int | None = None  # validation steps between two evaluations of a curve seed on train (None: eval_every)
+    curve_every: int | None = None  # validation steps between a curve seed's evaluations on train (None: eval_every)
     negative_levels: int = 4
     max_new_tokens: int = 256
     eval_batch_size: int = 32
@@ -388,8 +390,9 @@ class Job:
     # (first step, every): keep the step at which the forget documents look most like unseen text
     # (`MembershipCallback`), scored from the first step on; None: the last step is the model
     keep_best_membership: tuple[int, int] | None = None
-    # The method's fixed-length row, recorded on the way by a run that keeps its step on membership (the same run
-    # up to that step: with a constant learning rate, what a run of that many steps ends with)
+    # The method's fixed-length row, recorded on the way by a run that keeps its step on membership: the same run
+    # stopped at that step (with a constant learning rate, what a run of that many steps ends with, unless the loss
+    # moves with the run's progress as gnm's gradual schedule does: it then stands where this longer run has it)
     fixed_length: "FixedLengthRow | None" = None
 
 
@@ -439,7 +442,7 @@ def unlearn(model, tokenizer, method: Method, weights, partition: str, seed: int
         max_prompt_length=384,  # long Task1/Task3 prompts are cut from the left, leaving room for the completion
         per_device_train_batch_size=preset.batch_size,
         learning_rate=preset.learning_rate,
-        lr_scheduler_type="constant",  # so that the state at step s is what a run of s steps ends with
+        lr_scheduler_type="constant",  # the state at step s is what a run of s steps ends with (but for gnm's schedule)
         logging_steps=max(1, preset.eval_every),
         save_strategy="no",
         report_to="none",
@@ -554,9 +557,9 @@ def job_record(name: str, method: Method, seed: int, partition: str, max_steps: 
 
 def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspace, tokenizer, documents: dict,
                                     scratch: str, callbacks=()):
-    """Unlearn for `job.max_steps` (with `callbacks` as well), scoring the MIA members against the reference documents from the window's first
-    step on (`MembershipCallback`), and load the best step back; `(model, loss log, kept)` where `kept` has the
-    kept step and every scored step's figures."""
+    """Unlearn for `job.max_steps` (with `callbacks` as well), scoring the MIA members against the reference
+    documents from the window's first step on (`MembershipCallback`), and load the best step back; `(model, loss
+    log, kept)` where `kept` has the kept step and every scored step's figures."""
     from transformers import AutoModelForCausalLM
 
     from gnm_trainer.cli.best_on_membership import keep_best_membership_step
@@ -766,7 +769,8 @@ def train_jobs(preset: Preset, methods: list[Method], choices: dict[str, dict], 
         if not shares_runs:
             jobs += fixed_length_jobs(preset, method, choice, rows)
         for index, (row, prefix) in enumerate(rows_kept):
-            jobs += membership_jobs(preset, method, choice, rows, row, prefix, with_fixed_length=shares_runs and not index)
+            jobs += membership_jobs(preset, method, choice, rows, row, prefix,
+                                    with_fixed_length=shares_runs and not index)
     return jobs
 
 
