@@ -942,9 +942,8 @@ def main(argv=None) -> dict:
     stage_done("validation runs")
     candidates = {method.name: choices[method.name] for method in methods if not method.ablation}
     recommended = recommend(candidates or choices)
-    records, ran_train = run_jobs(train_jobs(preset, methods, choices, target_info["rows"], recommended,
-                                             kept_on_membership), preset, workspace, target_info["fingerprint"],
-                                  args.workers, threads)
+    comparison = train_jobs(preset, methods, choices, target_info["rows"], recommended, kept_on_membership)
+    records, ran_train = run_jobs(comparison, preset, workspace, target_info["fingerprint"], args.workers, threads)
     stage_done("comparison runs")
     attacks, ran_attacks = run_attack_jobs(records, preset, workspace, before["attack_rows"], args.workers, threads)
     stage_done("attacks")
@@ -966,7 +965,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "stage_seconds": stage_seconds, "wall_seconds": round(time.perf_counter() - wall_start, 1),
         "jobs_run": ran_validation + ran_train + ran_attacks,
-        "jobs_total": len(validation) + len(records) + len(attacks),
+        "jobs_total": len(validation) + len(comparison) + len(attacks),  # records: also the rows recorded on the way
     }
     summary = write_summary(output, before, records, attacks, run_info)
     print(f"[quality] done in {run_info['wall_seconds']:.0f} s; see {output}/summary.md", flush=True)
