@@ -305,7 +305,8 @@ def write_summary(output: str, before: dict, records: Sequence[dict], attack_rec
     recommended = run_info["recommended"]["method"]
     attacks = {record["method"]: record["attacks"] for record in attack_records}
     attack_names = run_info["preset_settings"]["attacks"]
-    run_info = {**run_info, "job_wall_seconds_total": round(sum(record["wall_seconds"] for record in records), 1)}
+    job_seconds = sum(record["wall_seconds"] for record in records if "recorded_by" not in record)  # a job's, once
+    run_info = {**run_info, "job_wall_seconds_total": round(job_seconds, 1)}
     at_their_length = {name: runs for name, runs in grouped.items() if "kept_step" not in runs[0]}
     comparison = qa_rouge_comparison(at_their_length)
     summary = {"run": run_info, "before": {k: v for k, v in before.items() if k != "attack_rows"},
