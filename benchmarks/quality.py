@@ -510,7 +510,7 @@ def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, th
             if row.save_adapter:
                 save_adapter(model, row.name)
             fixed_length.update(wall_seconds=time.perf_counter() - started,
-                                log_history=[entry for entry in state.log_history if "loss" in entry])
+                                log_history=loss_entries(state.log_history))
 
         fixed_length["curve"] = []
         return [EvaluateEvery(row.eval_every, row.max_steps, fixed_length["curve"], row.name, record_fixed_length)]
@@ -528,7 +528,7 @@ def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, th
         model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
         trainer = unlearn(model, tokenizer, job.method, job.method.weights, job.partition, job.seed, job.max_steps,
                           preset, workspace, scratch, callbacks=[EvaluateEvery(job.eval_every, job.max_steps, curve)])
-        losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+        losses = loss_entries(trainer.state.log_history)
         model = trainer.model
     if job.save_adapter:
         save_adapter(model, job.name)
@@ -545,6 +545,11 @@ def run_job(job: Job, preset: Preset, workspace: Workspace, fingerprint: str, th
             "recorded_by": job.name}
     atomic_write_json(workspace.job_path(job.name), record)
     return record
+
+
+def loss_entries(log_history: list[dict]) -> list[dict]:
+    """The training-loss entries of a trainer's log history (not the evaluations')."""
+    return [entry for entry in log_history if "loss" in entry]
 
 
 def job_record(name: str, method: Method, seed: int, partition: str, max_steps: int, fingerprint: str,
@@ -578,7 +583,7 @@ def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspa
               for entry in history if f"{LOG_PREFIX}mia_score" in entry]
     print(f"[quality] {job.name}: kept step {kept['step']} of {job.max_steps} (membership MIA score "
           f"{kept['value']:.3f})", flush=True)
-    return trainer.model, [entry for entry in history if "loss" in entry], {"step": kept["step"], "membership": scored}
+    return trainer.model, loss_entries(history), {"step": kept["step"], "membership": scored}
 
 
 def merged_model(job: Job, preset: Preset, workspace: Workspace, tokenizer, scratch: str):
