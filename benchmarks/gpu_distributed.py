@@ -23,11 +23,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from logged_run import run_logged  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "accelerate_configs")
@@ -67,8 +70,18 @@ def plan(num_devices: int) -> list[Case]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+WORKSPACE_FILE = "workspace.json"
+
+
 def build_workspace(work: str, size: str) -> dict:
-    """Synthetic LUME data, a tokenizer trained on it, a Llama built from a config, perturb negatives."""
+    """Synthetic LUME data, a tokenizer trained on it, a Llama built from a config, perturb negatives; a folder that
+    already holds a workspace of this size (another GPU benchmark built it: benchmarks/gpu_proof.py) is reused."""
+    marker = os.path.join(work, WORKSPACE_FILE)
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as handle:
+            built = json.load(handle)
+        if built.get("size") == size:
+            return built["workspace"]
     from gnm_trainer.data import load_unlearning_data
     from gnm_trainer.data.synthetic import make_synthetic_lume, write_lume_folder
     from gnm_trainer.negatives import perturb_negatives
@@ -86,12 +99,15 @@ def build_workspace(work: str, size: str) -> dict:
     forget = load_unlearning_data(dataset["forget_train"], "forget")
     retain = load_unlearning_data(dataset["retain_train"], "retain")
     write_negatives(perturb_negatives(forget, retain, levels=3, seed=0), os.path.join(work, "negatives.jsonl"))
-    return {
+    workspace = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocabulary": len(tokenizer),
         "forget_rows": len(forget),
         **dimensions,
     }
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump({"size": size, "workspace": workspace}, handle)
+    return workspace
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,24 +136,13 @@ def launch_command(case: Case, work: str, steps: int, dry_run: bool) -> list[str
 
 
 def run_case(case: Case, work: str, steps: int, dry_run: bool, timeout: float) -> None:
-    log_path = os.path.join(work, "logs", f"{case.name}.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if dry_run:
         env.update(OMP_NUM_THREADS="1", GNM_BENCH_GATHER_ALWAYS="1")
-    started = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        try:
-            code = subprocess.run(launch_command(case, work, steps, dry_run), stdout=log, stderr=subprocess.STDOUT,
-                                  env=env, cwd=REPO, timeout=timeout).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    case.result = {"exit_code": code, "wall_seconds": round(time.perf_counter() - started, 1), "log": log_path}
-    if code != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as log:
-            case.result["log_tail"] = log.read()[-3000:]
-        return
-    case.result.update(read_run(case, work))
+    log_path = os.path.join(work, "logs", f"{case.name}.log")
+    case.result = run_logged(launch_command(case, work, steps, dry_run), log_path, env, REPO, timeout)
+    if case.result["exit_code"] == 0:
+        case.result.update(read_run(case, work))
 
 
 def read_run(case: Case, work: str) -> dict:
@@ -267,12 +272,16 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=440.0, help="seconds for all cases; later ones are skipped")
     parser.add_argument("--case-timeout", type=float, default=180.0, help="seconds for one case")
     parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check: tiny model, 2 CPU processes")
+    parser.add_argument("--max-processes", type=int, default=None,
+                        help="launch at most this many processes (default: every GPU; 2 in a dry run)")
     args = parser.parse_args()
 
     import torch
 
     started = time.perf_counter()
     num_devices = 2 if args.dry_run else torch.cuda.device_count()
+    if args.max_processes:
+        num_devices = min(num_devices, args.max_processes)
     if num_devices == 0:
         print("no GPU found: run on a GPU machine, or pass --dry-run for a CPU plumbing check", file=sys.stderr)
         return 2

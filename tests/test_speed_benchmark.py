@@ -21,11 +21,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import speed  # noqa: E402
 from speedbench.common import supports_padding_free  # noqa: E402
+from speedbench.flops import linear_weights, lora_step_flops, peak_tflops, utilisation  # noqa: E402
 from speedbench.training import packed_rows, read_logits, real_sequences  # noqa: E402
 
 FIGURES = {
     "a": ("gnm_seconds_per_example", "padded_seconds_per_example", "published_seconds_per_example",
-          "published_speedup", "padded_published_speedup", "packing_speedup"),
+          "published_speedup", "padded_published_speedup", "packing_speedup", "tokens_per_second",
+          "padded_tokens_per_second"),
     "b": ("gnm_step_seconds", "floor_step_seconds", "overhead_ratio", "published_speedup_at_floor"),
     "c": ("klr_over_no_reference", "copy_over_klr"),
     "d": ("batched_seconds", "one_by_one_seconds", "speedup", "generation_speedup", "nll_speedup"),
@@ -47,6 +49,13 @@ def test_smoke_preset_writes_every_figure(tmp_path, capsys):
     assert training["same_batches"] is True  # the default and the padded step trained on the same batches
     assert training["computed_tokens_per_step"] >= training["real_tokens_per_step"] > 0
     assert training["padded_computed_tokens_per_step"] > training["real_tokens_per_step"]  # LUME lengths are mixed
+    assert training["tokens_per_second"] * training["gnm_step_seconds"] == pytest.approx(
+        training["policy_tokens_per_step"]
+    )
+    assert training["policy_tokens_per_step"] < training["real_tokens_per_step"]  # the reference's tokens on top
+    use = training["utilisation"]
+    assert use["achieved_model_tflops"] == pytest.approx(use["model_tflops_per_step"] / training["gnm_step_seconds"])
+    assert use["mfu"] is None and training["peak_memory_mib"] is None  # a CPU: no peak FLOPS, no CUDA memory
     memory = summary["figures"]["c"]["variants"]
     assert set(memory) == set(speed.MEMORY_VARIANTS)
     assert memory["klr_copy"]["reference_mode"] == "copy"
@@ -61,7 +70,7 @@ def test_smoke_preset_writes_every_figure(tmp_path, capsys):
     assert evaluation["batched_scores"] == evaluation["one_by_one_scores"]
     assert evaluation["batched_results"] == evaluation["one_by_one_results"]
     assert summary["figures"]["e"]["same_outputs"] is True
-    assert set(summary["verdicts"]) == {"a", "a'", "b", "c", "c'", "c''", "d", "e"}
+    assert set(summary["verdicts"]) == {"a", "a'", "a''", "b", "c", "c'", "c''", "d", "e"}
     printed = capsys.readouterr().out
     assert summary["table"] in printed and "| d |" in printed
 
@@ -72,6 +81,25 @@ def test_only_and_bad_arguments(tmp_path):
         speed.parse_args(["--only", "a,x"])
     assert speed.tiny(speed.PRESETS["gpu"]).eval_batch_size == speed.PRESETS["gpu"].eval_batch_size
     assert speed.tiny(speed.PRESETS["gpu"]).model == speed.PRESETS["smoke"].model
+
+
+def test_model_flops_and_utilisation(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny_model.config
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    per_layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inner  # q, o; k, v; gate, up, down
+    expected = layers * per_layer + config.vocab_size * hidden  # the LM head
+    assert linear_weights(tiny_model) == expected
+    adapted = get_peft_model(tiny_model, LoraConfig(r=4, target_modules="all-linear"))
+    assert linear_weights(adapted) == expected  # the adapters are not counted
+    assert lora_step_flops(1000, policy_tokens=10, reference_tokens=5) == 4 * 1000 * 10 + 2 * 1000 * 5
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert peak_tflops("NVIDIA H200", "float32") == 66.9
+    assert peak_tflops("NVIDIA H100 PCIe", "tf32") == 378.0 and peak_tflops("Some GPU", "float32") is None
+    use = utilisation(2e12, 0.5, "NVIDIA H200", "bfloat16")
+    assert use["achieved_model_tflops"] == pytest.approx(4.0) and use["mfu"] == pytest.approx(4.0 / 989.4)
 
 
 def test_packed_floor_computes_each_sequence_as_if_alone(tiny_model):

@@ -52,8 +52,8 @@ PRESETS = {
     "gpu": Preset(
         model=LLAMA_100M, vocab_size=8192, train_rows=512, train_batch_size=8, warmup_steps=3, measured_steps=10,
         memory_model=LLAMA_300M, memory_batch_size=8, memory_steps=3, memory_max_length=512, step_memory_steps=3,
-        eval_rows=64, mia_documents=80, max_new_tokens=64, eval_batch_size=32, negative_rows=24, negative_levels=3,
-        negative_batch_size=24, negative_max_new_tokens=64,
+        eval_rows=32, mia_documents=80, max_new_tokens=64, eval_batch_size=32, negative_rows=12, negative_levels=3,
+        negative_batch_size=12, negative_max_new_tokens=64,
     ),
 }  # fmt: skip
 

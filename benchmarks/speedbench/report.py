@@ -46,7 +46,21 @@ def training_rows(a: dict, device: str) -> list[tuple]:
          f"padded {ms(a['padded_seconds_per_example'])}/example ({a['padded_computed_tokens_per_step']:.0f} token "
          f"positions per step); packing gain {a['packing_speedup']:.2f}x",
          f"{a['padded_published_speedup']:.2f}x", "(information)"),
+        throughput_row(a),
     ]  # fmt: skip
+
+
+def throughput_row(a: dict) -> tuple:
+    """Tokens per second, model FLOPs utilisation and a step's peak memory of the GNMTrainer step of (a)."""
+    use = a["utilisation"]
+    mfu = (f"MFU {use['mfu']:.1%} of the {use['peak_tflops']:g}-TFLOPS {use['matmul_precision']} peak"
+           if use["mfu"] is not None else f"MFU: no peak known for this device ({use['matmul_precision']})")
+    memory = ("" if a["peak_memory_mib"] is None else
+              f"; step peak memory {a['peak_memory_mib']:.0f} MiB (padded {a['padded_peak_memory_mib']:.0f} MiB)")
+    return ("a''", "GNMTrainer step throughput (real tokens of the trained model, padding excluded)",
+            f"{a['tokens_per_second']:.0f} tokens/s (padded step {a['padded_tokens_per_second']:.0f}); "
+            f"{use['achieved_model_tflops']:.2f} model TFLOPS; {mfu}{memory}",
+            "-", "(information)")  # fmt: skip
 
 
 def floor_row(b: dict, device: str) -> tuple:

@@ -25,6 +25,7 @@ from .common import (
     texts_of,
     training_rows,
 )
+from .flops import linear_weights, lora_step_flops, matmul_precision, utilisation
 
 # The steps compared must have trained on the same batches: their losses agree to this relative difference.
 SAME_LOSS_TOLERANCE = 1e-4
@@ -59,10 +60,19 @@ def real_sequences(group: dict) -> list[tuple]:
     return sequences
 
 
+def policy_tokens(groups: dict) -> int:
+    """Tokens of the sequences the trained model reads in a step (forget, retain, negatives), padding excluded."""
+    return sum(int(group["attention_mask"].sum()) for group in groups.values())
+
+
+def reference_tokens(groups: dict) -> int:
+    """Tokens the reference reads in a step (the retain sequences, for klr), padding excluded."""
+    return int(groups["retain"]["attention_mask"].sum())
+
+
 def real_tokens(groups: dict) -> int:
     """Tokens of the step's sequences, padding excluded: the policy's groups and the reference's retain group."""
-    policy = sum(int(group["attention_mask"].sum()) for group in groups.values())
-    return policy + int(groups["retain"]["attention_mask"].sum())
+    return policy_tokens(groups) + reference_tokens(groups)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +249,7 @@ class TrainerRun:
     computed_tokens: list  # token positions the model's embedding layer saw in each step (padding included)
     losses: list
     groups: list  # each step's sequences (padded layout), when recorded
+    peak_memory_mib: list  # on a GPU: torch.cuda.max_memory_allocated during each step (every model alive counts)
 
 
 def run_trainer(model, padding_free: bool | None, setup: dict, device: str, record_groups=False, after_step=None):
@@ -250,7 +261,8 @@ def run_trainer(model, padding_free: bool | None, setup: dict, device: str, reco
     from gnm_trainer import GNMConfig, GNMTrainer
     from gnm_trainer.gnm_config import PAPER_LOSS_TERMS
 
-    run = TrainerRun(layout_setting(padding_free), [], [], [], [])
+    run = TrainerRun(layout_setting(padding_free), [], [], [], [], [])
+    on_gpu = device.startswith("cuda")
 
     class RecordingTrainer(GNMTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -272,10 +284,14 @@ def run_trainer(model, padding_free: bool | None, setup: dict, device: str, reco
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.positions = 0
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             run.step_seconds.append(clock(device) - self.resume)
             run.computed_tokens.append(self.positions)
+            if on_gpu:
+                run.peak_memory_mib.append(torch.cuda.max_memory_allocated() / 2**20)
             if after_step is not None:
                 after_step(state.global_step - 1, model)
             self.resume = clock(device)
@@ -307,6 +323,8 @@ def largest_relative_difference(first: list, second: list) -> float:
 def measure_training(preset: Preset, data: Data, device: str, work_dir: str, task: str | None,
                      sampling: str = "random") -> tuple[dict, dict]:
     """(a) and (b): the padded run, then the default run with the floor and the published loop after each step."""
+    import torch
+
     from gnm_trainer.gnm_config import DEFAULT_WEIGHTS, PAPER_LOSS_TERMS
     from gnm_trainer.negatives import perturb_negatives
     from gnm_trainer.target import train_tokenizer
@@ -341,6 +359,11 @@ def measure_training(preset: Preset, data: Data, device: str, work_dir: str, tas
     published_per_example = mean(side["published"][measured])
     floor_seconds = mean(side["floor"])
     loss_difference = largest_relative_difference(default.losses, padded.losses)
+    measured_groups = padded.groups[measured]
+    policy_per_step = mean(policy_tokens(groups) for groups in measured_groups)
+    flops = lora_step_flops(linear_weights(model), policy_per_step, mean(map(reference_tokens, measured_groups)))
+    device_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+    precision = matmul_precision(next(model.parameters()).dtype)
     common = {
         "model_parameters": parameter_count(model),
         "train_task": task or "all",
@@ -349,13 +372,19 @@ def measure_training(preset: Preset, data: Data, device: str, work_dir: str, tas
         "batch_size": batch_size,
         "measured_steps": preset.measured_steps,
         "layout": default.layout,
-        "real_tokens_per_step": mean(real_tokens(groups) for groups in padded.groups[measured]),
+        "real_tokens_per_step": mean(real_tokens(groups) for groups in measured_groups),
+        "policy_tokens_per_step": policy_per_step,
         "computed_tokens_per_step": mean(default.computed_tokens[measured]),
         "gnm_step_seconds": step_seconds,
+        "tokens_per_second": policy_per_step / step_seconds,  # the trained model's real tokens (no padding)
+        "utilisation": utilisation(flops, step_seconds, device_name, precision),
+        "peak_memory_mib": max(default.peak_memory_mib, default=None),
     }
     training = {
         **common,
         "padded_computed_tokens_per_step": mean(padded.computed_tokens[measured]),
+        "padded_tokens_per_second": policy_per_step / padded_seconds,
+        "padded_peak_memory_mib": max(padded.peak_memory_mib, default=None),
         "gnm_seconds_per_example": step_seconds / batch_size,
         "padded_seconds_per_example": padded_seconds / batch_size,
         "published_seconds_per_example": published_per_example,

@@ -1,0 +1,23 @@
+"""One command of a GPU benchmark run as a subprocess, its output in a log file, under a time limit."""
+
+import os
+import subprocess
+import time
+
+
+def run_logged(command: list[str], log_path: str, env: dict, cwd: str, timeout: float) -> dict:
+    """Run `command` with its stdout and stderr into `log_path`: exit_code (or "timeout"), wall_seconds, the log's
+    path, and the tail of the log when it failed."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                  timeout=timeout).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    result = {"exit_code": code, "wall_seconds": round(time.perf_counter() - started, 1), "log": log_path}
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            result["log_tail"] = log.read()[-3000:]
+    return result
