@@ -99,6 +99,11 @@ def test_a_stage_cut_short_keeps_what_it_wrote(tmp_path):
                                                                  "log_tail": "Terminated"})  # fmt: skip
     assert outcome["passed"] is False and "not measured: c, d, e" in outcome["summary"]
     assert outcome["log_tail"] == "Terminated"
+    (results / "speed.json").write_text(json.dumps({"figures": dict.fromkeys("abcde", {}),
+                                                    "verdicts": {"a": ">= 3x PASS", "d": ">= 5x MISS"}}))  # fmt: skip
+    ran = {"exit_code": 0, "wall_seconds": 99.0}
+    assert gpu_proof.stage_outcome(speed_stage, str(results), ran)["passed"] is False  # a target missed
+    assert gpu_proof.stage_outcome(speed_stage, str(results), ran, dry_run=True)["passed"] is True  # none applies
     recipes_stage = gpu_proof.STAGES[0]
     (results / "gpu_recipes.json").write_text(json.dumps({"recipes": {"paper": {"gpu": {"exit_code": 0}}}}))
     cut = gpu_proof.stage_outcome(recipes_stage, str(results), {"exit_code": "timeout"})
