@@ -105,10 +105,10 @@ def markdown(record: dict) -> str:
                   f"NLLs: **{'yes' if comparison['agree'] else 'no'}**."]  # fmt: skip
         if "largest_score_difference" in comparison:
             worst = comparison["largest_score_difference"]
+            nll = ", ".join(f"{k} {v:.1e}" for k, v in comparison["mean_nll_relative_difference"].items())
             lines += [f"Largest score difference: {worst['score']} {worst['difference']:.2e} (GPU {worst['gpu']:.4f}, "
                       f"CPU {worst['cpu']:.4f}); generations that differ: {comparison['generations_differing']} of "
-                      f"{comparison['generations']}; mean NLL relative differences: "
-                      + ", ".join(f"{k} {v:.1e}" for k, v in comparison["mean_nll_relative_difference"].items()) + "."]  # fmt: skip
+                      f"{comparison['generations']}; mean NLL relative differences: {nll}."]  # fmt: skip
         else:
             lines.append(comparison["why"])
     return "\n".join(lines) + "\n"
@@ -170,9 +170,9 @@ def main(argv=None) -> int:
             record["steps"][name] = {"exit_code": "skipped (time budget)"}
             continue
         log_path = os.path.join(args.out, "logs", "evaluate-" + name.split(" (")[0].replace(" ", "-") + ".log")
-        record["steps"][name] = {"command": " ".join(command[2:]), **run_logged(command, log_path, step_env, REPO, left)}
-        print(f"{name}: exit {record['steps'][name]['exit_code']} in {record['steps'][name]['wall_seconds']}s",
-              flush=True)  # fmt: skip
+        step = {"command": " ".join(command[2:]), **run_logged(command, log_path, step_env, REPO, left)}
+        record["steps"][name] = step
+        print(f"{name}: exit {step['exit_code']} in {step['wall_seconds']}s", flush=True)
         write_record(record, args.out)
         if record["steps"][name]["exit_code"] != 0:
             break

@@ -74,7 +74,8 @@ def stage_command(stage: Stage, results: str, work: str, seconds: float, dry_run
     command += ["--out", results, "--budget", str(int(seconds - 10))]
     command += ["--work", os.path.join(work, "workspace" if stage.name != "evaluate" else "evaluate")]
     if stage.name == "distributed":
-        command += ["--steps", "3" if dry_run else "20", "--case-timeout", str(int(seconds - 10)), "--max-processes", "1"]
+        command += ["--steps", "3" if dry_run else "20", "--case-timeout", str(int(seconds - 10))]
+        command += ["--max-processes", "1"]  # the GPU machines lent here have one GPU
     return command + (["--dry-run"] if dry_run else [])
 
 
@@ -99,11 +100,12 @@ def recipes_verdict(record: dict) -> tuple[bool, str]:
         ok = comparison["matches"] and gpu.get("loads_back") == "ok"
         passed &= ok
         largest = max(comparison.get("largest_difference", {}).values(), default=None)
-        lines.append(f"{name}: {'pass' if ok else 'FAIL'} (PEFT {gpu.get('peft_type')}, reference "
-                     f"{gpu.get('reference_mode')}, largest loss difference "
-                     f"{'-' if largest is None else f'{largest:.2e}'}, GPU run {gpu.get('wall_seconds')} s"
-                     + ("" if comparison["matches"] else f"; {comparison.get('first_out_of_tolerance') or comparison.get('why')}")
-                     + ")")  # fmt: skip
+        difference = "-" if largest is None else f"{largest:.2e}"
+        why = "" if comparison["matches"] else f"; {comparison.get('first_out_of_tolerance') or comparison.get('why')}"
+        lines.append(
+            f"{name}: {'pass' if ok else 'FAIL'} (PEFT {gpu.get('peft_type')}, reference {gpu.get('reference_mode')}, "
+            f"largest loss difference {difference}, GPU run {gpu.get('wall_seconds')} s{why})"
+        )
     return passed, "; ".join(lines)
 
 

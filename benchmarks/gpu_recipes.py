@@ -146,10 +146,10 @@ def markdown(results: dict, workspace: dict, settings: dict) -> str:
         for device in ("gpu", "cpu"):
             run = runs.get(device, {})
             first = run.get("steps", [{}])[0].get("loss") if run.get("steps") else None
-            cells = [name, settings["run_names"][device], "yes" if run.get("exit_code") == 0 else
-                     f"**no** ({run.get('exit_code', 'not run')})", run.get("wall_seconds", "-"),
-                     run.get("train_runtime_seconds", "-"), run.get("peft_type", "-"), run.get("reference_mode", "-"),
-                     run.get("kept_step", "-"), run.get("loads_back", "-"), "-" if first is None else f"{first:.4f}"]  # fmt: skip
+            ok = "yes" if run.get("exit_code") == 0 else f"**no** ({run.get('exit_code', 'not run')})"
+            first = "-" if first is None else f"{first:.4f}"
+            keys = ("wall_seconds", "train_runtime_seconds", "peft_type", "reference_mode", "kept_step", "loads_back")
+            cells = [name, settings["run_names"][device], ok, *(run.get(key, "-") for key in keys), first]
             lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     lines += ["", "| recipe | loss terms match | largest difference per term | first out of tolerance |",
               "| --- | --- | --- | --- |"]  # fmt: skip
