@@ -23,6 +23,7 @@ rewritten after each stage. The summary is printed at the end; the exit code is 
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -61,6 +62,14 @@ STAGES = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # A stage whose own budget would end under this is not started (a Python process and a model take that long).
 MINIMUM_STAGE_SECONDS = 30
+# What the checks import beyond torch; the GPU machines lent here lack most of it (benchmarks/gpu_wheels.sh).
+REQUIRED_MODULES = ("transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "rouge_score", "nltk",
+                    "gnm_trainer")  # fmt: skip
+
+
+def missing_modules() -> list[str]:
+    """The modules of REQUIRED_MODULES this interpreter cannot import: checked before any GPU time is spent."""
+    return [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
 
 
 def stage_command(stage: Stage, results: str, work: str, seconds: float, dry_run: bool) -> list[str]:
@@ -234,6 +243,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("no GPU found: run on a GPU machine, or pass --dry-run for a CPU check", file=sys.stderr)
+        return 2
+    missing = missing_modules()
+    if missing:
+        print(f"missing Python packages: {', '.join(missing)}. On a machine without a package index, build them "
+              "where PyPI is reachable with benchmarks/gpu_wheels.sh and bring .whl/ (gpu_proof.sh installs it); "
+              "gnm_trainer itself runs from the checkout (PYTHONPATH)", file=sys.stderr)  # fmt: skip
         return 2
     started = time.perf_counter()
     work = args.work or tempfile.mkdtemp(prefix="gnm-gpu-proof-")

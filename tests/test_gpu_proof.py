@@ -117,6 +117,13 @@ def test_a_stage_cut_short_keeps_what_it_wrote(tmp_path):
     assert "| a | ... |" in summary  # the speed table of what was measured
 
 
+def test_missing_packages_stop_the_run_before_any_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_proof, "REQUIRED_MODULES", ("transformers", "no_such_module_gnm"))
+    assert gpu_proof.main(["--dry-run", "--out", str(tmp_path / "out")]) == 2
+    assert "missing Python packages: no_such_module_gnm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written, nothing run
+
+
 def test_stage_budgets_fit_the_issue_and_only_picks_stages():
     assert sum(stage.seconds for stage in gpu_proof.STAGES) <= 9 * 60 - 30  # under 9 minutes, with room to start
     assert [stage.name for stage in gpu_proof.parse_args(["--only", "speed,recipes"]).stages] == ["recipes", "speed"]
