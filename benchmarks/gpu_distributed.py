@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchmark_paths import REPO, RESULTS  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "accelerate_configs")
 WORKER = os.path.join(REPO, "benchmarks", "distributed_worker.py")
 EFFECTIVE_BATCH = 8
@@ -140,7 +140,7 @@ def run_case(case: Case, work: str, steps: int, dry_run: bool, timeout: float) -
     if dry_run:
         env.update(OMP_NUM_THREADS="1", GNM_BENCH_GATHER_ALWAYS="1")
     log_path = os.path.join(work, "logs", f"{case.name}.log")
-    case.result = run_logged(launch_command(case, work, steps, dry_run), log_path, env, REPO, timeout)
+    case.result = run_logged(launch_command(case, work, steps, dry_run), log_path, env, timeout)
     if case.result["exit_code"] == 0:
         case.result.update(read_run(case, work))
 
@@ -266,7 +266,7 @@ def markdown(cases: list[Case], workspace: dict, settings: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or RESULTS)
     parser.add_argument("--work", default=None, help="scratch folder for models and runs (default: a new temp folder)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per case (default 30; dry run 3)")
     parser.add_argument("--budget", type=float, default=440.0, help="seconds for all cases; later ones are skipped")

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_distributed import REPO  # noqa: E402
+from benchmark_paths import RESULTS  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
 GNM = [sys.executable, "-m", "gnm_trainer.cli"]
@@ -45,31 +45,19 @@ def cpu_only(env: dict) -> dict:
     return {**env, "CUDA_VISIBLE_DEVICES": ""}
 
 
-def scores_of(results: dict, prefix: str = "") -> dict:
-    """Every number of an evaluation_results.json by its path ("forget-set/Task1/knowledge-score"), settings and
-    the per-term list left out."""
-    numbers = {}
-    for key, value in results.items():
-        if key in ("settings", "aggregated-terms"):
-            continue
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            numbers.update(scores_of(value, path + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            numbers[path] = float(value)
-    return numbers
-
-
 def compare_evaluations(gpu_dir: str, cpu_dir: str) -> dict:
     """The two evaluations side by side: the largest score difference, the NLL differences, the generations that
-    differ and whether they agree within the tolerances."""
+    differ and whether they agree within the tolerances. Scores are every number of evaluation_results.json by its
+    path ("forget-set/Task1/knowledge-score"), the settings left out (the batch sizes may differ)."""
+    from gnm_trainer.evaluation import flatten_results
+
     runs = {}
     for name, folder in (("gpu", gpu_dir), ("cpu", cpu_dir)):
         with open(os.path.join(folder, "evaluation_results.json"), encoding="utf-8") as handle:
             results = json.load(handle)
         with open(os.path.join(folder, "per_example.jsonl"), encoding="utf-8") as handle:
             generations = {row["id"] + row["split"]: row["generation"] for row in map(json.loads, handle)}
-        runs[name] = (scores_of(results), generations)
+        runs[name] = (flatten_results({key: value for key, value in results.items() if key != "settings"}), generations)
     (gpu_scores, gpu_generations), (cpu_scores, cpu_generations) = runs["gpu"], runs["cpu"]
     nll = {key: value for key, value in cpu_scores.items() if key.startswith("mia_mean_nll/")}
     score_keys = sorted(set(cpu_scores) - set(nll))
@@ -123,7 +111,7 @@ def write_record(record: dict, out: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or RESULTS)
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--target", default=None, help="a `gnm make-target` folder (default: make one in --work)")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds for all steps; later ones are skipped")
@@ -170,7 +158,7 @@ def main(argv=None) -> int:
             record["steps"][name] = {"exit_code": "skipped (time budget)"}
             continue
         log_path = os.path.join(args.out, "logs", "evaluate-" + name.split(" (")[0].replace(" ", "-") + ".log")
-        step = {"command": " ".join(command[2:]), **run_logged(command, log_path, step_env, REPO, left)}
+        step = {"command": " ".join(command[2:]), **run_logged(command, log_path, step_env, left)}
         record["steps"][name] = step
         print(f"{name}: exit {step['exit_code']} in {step['wall_seconds']}s", flush=True)
         write_record(record, args.out)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark_paths import HERE  # noqa: E402
+from benchmark_paths import HERE, RESULTS  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
 
@@ -224,7 +224,7 @@ def write_outputs(out: str, results: str, logs: str, settings: dict, outcomes: d
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results", "gpu_proof"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(RESULTS, "gpu_proof"))
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--only", default=",".join(STAGE_NAMES), help="stages to run (default all): " +
                         ", ".join(STAGE_NAMES))  # fmt: skip
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         else:
             command = stage_command(stage, results, work, seconds, args.dry_run)
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-            run = run_logged(command, os.path.join(logs, f"{stage.name}.log"), env, os.path.dirname(HERE), seconds)
+            run = run_logged(command, os.path.join(logs, f"{stage.name}.log"), env, seconds)
             outcomes[stage.name] = stage_outcome(stage, results, run, args.dry_run)
         print(f"[{stage.name}] {'passed' if outcomes[stage.name]['passed'] else 'NOT passed'}: "
               f"{outcomes[stage.name]['summary']}", flush=True)  # fmt: skip

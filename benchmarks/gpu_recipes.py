@@ -31,7 +31,8 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_distributed import REPO, build_workspace, load_back  # noqa: E402
+from benchmark_paths import REPO, RESULTS  # noqa: E402
+from gpu_distributed import build_workspace, load_back  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
 RECIPE_DIR = os.path.join(REPO, "recipes", "olmo-1b", "semeval25")
@@ -87,7 +88,7 @@ def run_recipe(name: str, device: str, work: str, steps: int, dry_run: bool, tim
         env["CUDA_VISIBLE_DEVICES"] = ""
     command = unlearn_command(recipe_file(name, work, steps), output_dir, device, dry_run)
     log_path = os.path.join(out, "logs", f"recipe-{name}-{device}.log")
-    result = {"command": " ".join(command[1:]), **run_logged(command, log_path, env, REPO, timeout)}
+    result = {"command": " ".join(command[1:]), **run_logged(command, log_path, env, timeout)}
     if result["exit_code"] != 0:
         return result
     return {**result, **read_unlearn_run(output_dir, work)}
@@ -173,7 +174,7 @@ def write_results(results: dict, workspace: dict, settings: dict, out: str) -> N
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or RESULTS)
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temp folder); a workspace of "
                         "benchmarks/gpu_distributed.py already there is reused")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; dry run 4)")

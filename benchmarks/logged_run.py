@@ -4,15 +4,17 @@ import os
 import subprocess
 import time
 
+from benchmark_paths import REPO
 
-def run_logged(command: list[str], log_path: str, env: dict, cwd: str, timeout: float) -> dict:
-    """Run `command` with its stdout and stderr into `log_path`: exit_code (or "timeout"), wall_seconds, the log's
-    path, and the tail of the log when it failed."""
+
+def run_logged(command: list[str], log_path: str, env: dict, timeout: float) -> dict:
+    """Run `command` in the checkout with its stdout and stderr into `log_path`: exit_code (or "timeout"),
+    wall_seconds, the log's path, and the tail of the log when it failed."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                   timeout=timeout).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             code = "timeout"

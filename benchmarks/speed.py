@@ -39,7 +39,7 @@ from dataclasses import asdict, replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark_paths import DEFAULT_LUME, HERE  # noqa: E402
+from benchmark_paths import DEFAULT_LUME, RESULTS  # noqa: E402
 from speedbench.common import PRESETS, Preset, load_data  # noqa: E402
 from speedbench.evaluation import measure_evaluation  # noqa: E402
 from speedbench.memory import MEMORY_VARIANTS, measure_memory, run_memory_variant  # noqa: E402
@@ -47,7 +47,7 @@ from speedbench.negatives import measure_negatives  # noqa: E402
 from speedbench.report import format_table, machine, table_rows, targets  # noqa: E402
 from speedbench.training import measure_training  # noqa: E402
 
-DEFAULT_OUTPUT = os.path.join(HERE, "results", "speed.json")
+DEFAULT_OUTPUT = os.path.join(RESULTS, "speed.json")
 MEASUREMENTS = ("a", "b", "c", "d", "e")
 
 

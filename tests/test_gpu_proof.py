@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import gpu_proof  # noqa: E402
-from gpu_evaluate import compare_evaluations, scores_of  # noqa: E402
+from gpu_evaluate import compare_evaluations  # noqa: E402
 from gpu_recipes import BF16_TOLERANCE, compare_losses  # noqa: E402
 
 
@@ -71,12 +71,13 @@ def test_compare_evaluations(tmp_path):
     results = {"forget-set": {"Task1": {"regurgitation-score": 0.5}}, "aggregate-score": 0.4,
                "mia_mean_nll": {"members": 2.0, "nonmembers": 3.0}, "aggregated-terms": [0.5],
                "settings": {"batch_size": 16}}  # fmt: skip
-    assert scores_of(results) == {"forget-set/Task1/regurgitation-score": 0.5, "aggregate-score": 0.4,
-                                  "mia_mean_nll/members": 2.0, "mia_mean_nll/nonmembers": 3.0}  # fmt: skip
     cpu = write_evaluation(tmp_path / "cpu", results, {"a": "x y", "b": "z"})
-    same = write_evaluation(tmp_path / "same", json.loads(json.dumps(results)), {"a": "x y", "b": "z"})
+    other_batch = dict(json.loads(json.dumps(results)), settings={"batch_size": 4})
+    same = write_evaluation(tmp_path / "same", other_batch, {"a": "x y", "b": "z"})
     comparison = compare_evaluations(same, cpu)
-    assert comparison["agree"] is True and comparison["generations_differing"] == 0
+    assert comparison["agree"] is True and comparison["generations_differing"] == 0  # the batch size is no score
+    assert set(comparison["scores"]) == {"forget-set/Task1/regurgitation-score", "aggregate-score"}
+    assert set(comparison["mean_nll_relative_difference"]) == {"mia_mean_nll/members", "mia_mean_nll/nonmembers"}
     shifted = json.loads(json.dumps(results))
     shifted["forget-set"]["Task1"]["regurgitation-score"] = 0.55
     other = write_evaluation(tmp_path / "other", shifted, {"a": "x y", "b": "w"})
