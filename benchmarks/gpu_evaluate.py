@@ -140,8 +140,9 @@ def main(argv=None) -> int:
                       os.path.join(target, "data", "mia"), "--batch_size", str(batch), "--no_progress",
                       "--output_dir", evaluations[device]]  # fmt: skip
 
-    plan = [
-        ("make target", GNM + ["make-target", "--output_dir", target, "--quiet"], env),
+    make_target = GNM + ["make-target", "--output_dir", target, "--quiet"]
+    plan = [] if args.target else [("make target", make_target, env)]  # else a `gnm make-target` folder was given
+    plan += [
         ("unlearn 12 steps (CPU)", GNM + ["unlearn", "--model_name_or_path", target, "--data_dir",
                                           os.path.join(target, "data"), "--output_dir", adapter] + PARTLY_UNLEARNED,
          cpu_only(env)),
@@ -151,8 +152,6 @@ def main(argv=None) -> int:
     device = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(0)
     record = {"settings": {"device": device, "target": target, "torch": torch.__version__}, "steps": {}}
     for name, command, step_env in plan:
-        if name == "make target" and args.target:
-            continue  # a `gnm make-target` folder was given
         left = args.budget - (time.perf_counter() - started)
         if left < 10:
             record["steps"][name] = {"exit_code": "skipped (time budget)"}
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
         record["steps"][name] = step
         print(f"{name}: exit {step['exit_code']} in {step['wall_seconds']}s", flush=True)
         write_record(record, args.out)
-        if record["steps"][name]["exit_code"] != 0:
+        if step["exit_code"] != 0:
             break
     if all(os.path.exists(os.path.join(folder, "evaluation_results.json")) for folder in evaluations.values()):
         record["comparison"] = compare_evaluations(evaluations["gpu"], evaluations["cpu"])

@@ -70,11 +70,6 @@ def reference_tokens(groups: dict) -> int:
     return int(groups["retain"]["attention_mask"].sum())
 
 
-def real_tokens(groups: dict) -> int:
-    """Tokens of the step's sequences, padding excluded: the policy's groups and the reference's retain group."""
-    return policy_tokens(groups) + reference_tokens(groups)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The published loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,7 +356,8 @@ def measure_training(preset: Preset, data: Data, device: str, work_dir: str, tas
     loss_difference = largest_relative_difference(default.losses, padded.losses)
     measured_groups = padded.groups[measured]
     policy_per_step = mean(policy_tokens(groups) for groups in measured_groups)
-    flops = lora_step_flops(linear_weights(model), policy_per_step, mean(map(reference_tokens, measured_groups)))
+    reference_per_step = mean(reference_tokens(groups) for groups in measured_groups)
+    flops = lora_step_flops(linear_weights(model), policy_per_step, reference_per_step)
     device_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     precision = matmul_precision(next(model.parameters()).dtype)
     common = {
@@ -372,7 +368,7 @@ def measure_training(preset: Preset, data: Data, device: str, work_dir: str, tas
         "batch_size": batch_size,
         "measured_steps": preset.measured_steps,
         "layout": default.layout,
-        "real_tokens_per_step": mean(real_tokens(groups) for groups in measured_groups),
+        "real_tokens_per_step": policy_per_step + reference_per_step,  # padding excluded, the reference's included
         "policy_tokens_per_step": policy_per_step,
         "computed_tokens_per_step": mean(default.computed_tokens[measured]),
         "gnm_step_seconds": step_seconds,
