@@ -143,6 +143,11 @@ class GNMConfig(TrainingArguments):
 
     Parameters that control the model:
 
+        disable_dropout (`bool`, defaults to `True`):
+            Zero every dropout of the trained model (its config's rates, e.g. GPT-2's 0.1, and PEFT's `lora_dropout`),
+            TRL's convention for trainers with a reference model: with dropout on, the KL to the reference is noise
+            from the first step and packed and padded rows drop different units. The reference and base-model passes
+            never run with dropout, whatever this says. `False` trains with the model's dropout.
         model_init_kwargs (`dict` or `None`):
             Keyword arguments of `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
         merge_adapters (`bool`, defaults to `False`):
@@ -242,6 +247,11 @@ class GNMConfig(TrainingArguments):
         default=5, metadata={"help": "Steps averaged into the retain NLL compared with the threshold."}
     )
     # ---- model ----
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Zero every dropout of the trained model (config rates and lora_dropout), as TRL's "
+                  "reference-based trainers do; reference and base-model passes never use dropout."},
+    )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained."}
     )

@@ -24,6 +24,7 @@ from .data.chunked import ChunkedForgetSampler, schedule_blocks, scheduled_examp
 from .data.collator import GNMDataCollator, select_negatives, tokenize_examples, tokenize_negatives
 from .data.loading import load_unlearning_data
 from .data.packing import DEFAULT_MAX_PACKED_LENGTH, pack_groups, padded_loss_positions, split_per_group
+from .dropout import disable_dropout, disable_dropout_and_say
 from .errors import GNMInputError
 from .gnm_config import GNMConfig
 from .model_loading import from_pretrained
@@ -189,6 +190,11 @@ class GNMTrainer(Trainer):
             model = train_adapter(model)
         if self.reference_mode == "reference_adapter":
             add_reference_adapter(model)
+        if args.disable_dropout:
+            disable_dropout_and_say(model)  # after PEFT: its lora_dropout too, as TRL does
+        for frozen in (reference_copy, base_model):  # in eval mode already; no dropout whatever the setting
+            if frozen is not None:
+                disable_dropout(frozen)
 
         tokenize = dict(
             tokenizer=processing_class,
