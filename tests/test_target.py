@@ -326,3 +326,24 @@ def test_cli_pretrains_on_synthetic_documents_and_refuses_them_with_a_folder(tmp
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and expected in line
     assert len(calls) == 1  # refused before any work
+
+
+def test_the_tokenizer_never_reads_the_mia_documents(tmp_path, monkeypatch):
+    """A tokenizer fitted to the non-members would make them familiar text, not unseen text: it is trained on the
+    rows and the pretraining documents only."""
+    seen = []
+    real = target_build.train_tokenizer
+
+    def recording(texts, **kwargs):
+        seen.extend(texts)
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(target_build, "train_tokenizer", recording)
+    data = make_synthetic_lume(seed=0, num_pretraining_documents=4)
+    make_target(data, output_dir=str(tmp_path / "target"), **{**TINY, "max_epochs": 1, "epochs": 1})
+    # The members are the forget documents, whose sentence-completion rows (input + " " + output) it must read.
+    nonmembers = {row["document"] for row in data["mia_nonmember"]}
+    assert nonmembers and seen
+    assert not nonmembers.intersection(seen)
+    assert not any(document in text for document in nonmembers for text in seen)
+    assert {row["document"] for row in data["pretraining"]} <= set(seen)

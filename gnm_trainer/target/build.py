@@ -16,7 +16,7 @@ from ..data.synthetic import write_lume_folder
 from ..errors import GNMInputError
 from ..io_utils import atomic_directory, atomic_write_json, check_output_folder
 from .config import (
-    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, MIA_SPLITS, PRETRAINED_SUBDIR, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION,
+    DATA_SUBDIR, DEFAULT_ROUNDS, LUME_SPLITS, PRETRAINED_SUBDIR, PRETRAINING_SPLIT, TARGET_FORMAT_VERSION,
     TARGET_INFO_FILE, TargetConfig,
     default_target_dir,
 )
@@ -99,7 +99,7 @@ def make_target(
 ) -> str:
     """Train a tiny Llama that memorises a LUME-format dataset: the target model to unlearn. Returns its folder.
 
-    The tokenizer is trained on every text of the data. When the data has a `pretraining` split (documents that
+    The tokenizer is trained on the rows and the pretraining documents, never on the MIA non-members. When the data has a `pretraining` split (documents that
     are not benchmark rows), the model first reads it for `pretraining_epochs` epochs (causal LM on blocks of
     `max_length` tokens, one cosine cycle), to gain the general language ability a real pretrained model brings
     to its fine-tuning, and `pretraining_replay` blocks of it per memorised example are mixed into every epoch of
@@ -161,8 +161,11 @@ def make_target(
             "choose another output folder or pass force=True (--force) to replace it"
         )
 
+    # Never the MIA non-members: a tokenizer fitted to them would make them familiar text (shorter in tokens than
+    # unseen documents of their kind), and the membership attack compares them with the members. (The members are
+    # the forget documents: their rows are read anyway.)
     texts = [row["input"] + " " + row["output"] for key in LUME_SPLITS for row in dataset.get(key, [])]
-    texts += [row["document"] for key in (*MIA_SPLITS, PRETRAINING_SPLIT) for row in dataset.get(key, [])]
+    texts += [row["document"] for row in dataset.get(PRETRAINING_SPLIT, [])]
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     model = build_tiny_llama(
         tokenizer, hidden_size, num_layers, num_heads, max_position_embeddings=max(1024, max_length + 256), seed=seed
