@@ -4,8 +4,8 @@ Everything runs offline on CPU: the target is the tiny Llama that `make_target` 
 300 other synthetic documents (its base model, kept in `<target>/pretrained`), then memorises the synthetic
 LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small to
 write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
-the recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with its margin at the non-members' NLL
-measured in step 2, `klb` towards the base model, `gd` 5 and `gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5,
+the recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with its margin at the mean NLL the target
+gives synthetic reference documents it never read, which no reported figure uses, `klb` towards the base model, `gd` 5 and `gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5,
 `klr` 5, `gnm` 0.04; without pretraining documents there is no base model and the recommended recipe goes without
 `klb`) with LoRA on all linear layers; the recommended recipe trains to 4/3 of `max_steps` and keeps the step, from
 2/3 of it on, at which the forget documents look most like synthetic documents the target never read. Last, the
@@ -47,11 +47,12 @@ class DemoSettings:
     # Synthetic documents the target reads before it memorises the dataset (0: trained from scratch); with them the
     # target has a base model, `<target>/pretrained`, and the recommended recipe its `klb` term.
     pretraining_documents: int = 300
-    # The recommended recipe's step rule: train to 4/3 of `max_steps` and keep, from 2/3 of it on, the step at which
-    # the forget documents look most like this many synthetic documents the target never read
-    # (`gnm_trainer.recipes.membership_schedule`, `MembershipCallback`). 0, or the paper's recipe: `max_steps`, the
-    # last step kept.
+    # Synthetic documents the target never read, drawn apart from the evaluation's (`make_reference_documents`): the
+    # recommended recipe sets SimNPO's margin from their mean NLL and, with its step rule, trains to 4/3 of
+    # `max_steps` and keeps, from 2/3 of it on, the step at which the forget documents look most like them
+    # (`gnm_trainer.recipes.membership_schedule`, `MembershipCallback`). No reported figure uses them.
     reference_documents: int = 24
+    fixed_steps: bool = False  # the recommended recipe without its step rule: `max_steps`, the last step kept
 
     def __post_init__(self):
         """Refuse settings that would fail (or train nothing) only after minutes of work."""
@@ -72,6 +73,9 @@ class DemoSettings:
         for name in ("pretraining_documents", "reference_documents"):
             if getattr(self, name) < 0:
                 raise GNMInputError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+        if self.recipe == "recommended" and self.reference_documents < 1:
+            raise GNMInputError("reference_documents: the recommended recipe sets SimNPO's margin from them; expected "
+                                "an integer >= 1 (--fixed_steps turns its step rule off, --recipe paper needs none)")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise GNMInputError(f"learning_rate: expected a finite number > 0, got {self.learning_rate}")
 
@@ -100,14 +104,15 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data.loading import load_unlearning_splits
-    from .data.synthetic import synthetic_target_data
+    from .data.synthetic import make_reference_documents, synthetic_target_data
     from .evaluation import evaluate_model, load_mia_documents, write_report
     from .evaluation.attacks import RESULTS_KEY, run_attacks
     from .evaluation.report import markdown_report
     from .gnm_config import GNMConfig
     from .cli.best_on_membership import keep_best_membership_step
     from .gnm_trainer import GNMTrainer
-    from .recipes import RECIPES, describe, recommended_recipe
+    from .evaluation.membership import refuse_evaluation_documents
+    from .recipes import RECIPES, describe, recommended_recipe, reference_nll
     from .target.config import PRETRAINED_SUBDIR
     from .negatives import build_negatives
     from .target import default_target_dir, make_target
@@ -152,12 +157,16 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     )
     _done(start)
 
-    recipe = dict(RECIPES[settings.recipe])
-    if settings.recipe == "recommended":  # SimNPO's margin from the target's non-members, measured in step 2
+    recipe, calibration = dict(RECIPES[settings.recipe]), None
+    reference = make_reference_documents(settings.seed, settings.reference_documents)
+    if settings.recipe == "recommended":  # SimNPO's margin from documents that no reported figure uses
+        refuse_evaluation_documents(reference, nonmembers, "reference_documents")
         base_model = os.path.join(target_dir, PRETRAINED_SUBDIR)
-        recipe = recommended_recipe(before["mia_mean_nll"]["nonmembers"],
-                                    base_model if os.path.isdir(base_model) else None)
-    membership, steps = membership_rule(settings, members, tokenizer)
+        calibration = {"reference_documents": len(reference),
+                       "reference_nll": reference_nll(model, tokenizer, reference, settings.eval_batch_size)}
+        recipe = recommended_recipe(calibration["reference_nll"], base_model if os.path.isdir(base_model) else None)
+        calibration["simnpo_delta"] = recipe["simnpo_delta"]
+    membership, steps = membership_rule(settings, members, reference, tokenizer)
     start = _step(f"4/6 unlearning with GNM ({settings.recipe} recipe: {describe(recipe)}, LoRA on all linear layers"
                   + (f"; {steps} steps, keeping the step from {membership.start_step} on, every "
                      f"{membership.eval_steps}, at which the forget documents look most like "
@@ -216,6 +225,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
         "target_dir": target_dir,
         "wall_seconds": round(wall, 1),
         "attack_seconds": attack_seconds,
+        "calibration": calibration,
         "before": before,
         "after": after,
         "report": report_path,
@@ -228,18 +238,16 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     return summary
 
 
-def membership_rule(settings: DemoSettings, members, tokenizer):
-    """`(callback, steps)`: the recommended recipe's `MembershipCallback` and the step where training stops, or
-    `(None, max_steps)` without the rule."""
-    from .data.synthetic import make_reference_documents
+def membership_rule(settings: DemoSettings, members, reference, tokenizer):
+    """`(callback, steps)`: the recommended recipe's `MembershipCallback` against the `reference` documents and the
+    step where training stops, or `(None, max_steps)` without the rule."""
     from .evaluation.membership import MembershipCallback
     from .recipes import membership_schedule
 
-    if settings.recipe != "recommended" or not settings.reference_documents:
+    if settings.recipe != "recommended" or settings.fixed_steps:
         return None, settings.max_steps
     first, last, every = membership_schedule(settings.max_steps)
-    membership = MembershipCallback(members, make_reference_documents(settings.seed, settings.reference_documents),
-                                    eval_steps=every, start_step=first, tokenizer=tokenizer,
+    membership = MembershipCallback(members, reference, eval_steps=every, start_step=first, tokenizer=tokenizer,
                                     batch_size=settings.eval_batch_size)
     return membership, last
 

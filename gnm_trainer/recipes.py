@@ -10,8 +10,12 @@ Two settings depend on the target, and `recommended_recipe` fills them:
   for a target of `make_target` that pretrained, its `pretrained/` folder). `klb` pulls the forget documents towards
   what that model gives them, so they end like text the target never read.
 - `simnpo_delta`: where SimNPO stops raising a forget document's mean NLL, from the mean NLL the target gives
-  documents it never read (`gnm evaluate` prints it as "MIA mean document NLL: ... non-members"; `mia_mean_nll` in
-  its results): the membership attack compares the two.
+  *reference documents*: text of the forget documents' kind that it never read and that no reported figure uses
+  (never the non-members of the membership attack whose score is reported: a margin set on them makes that score
+  look better than it is). `gnm calibrate --model_name_or_path TARGET --reference_documents FILE` prints it;
+  `margin_from_reference` computes it. For a LUME-like benchmark, hold out documents of the non-members' kind
+  (e.g. part of the validation non-members); for your own data, documents written like the forget set but never
+  trained on (published after the model's cut-off, or drafted for the purpose).
 
 A target without a base model (trained from scratch, as `gnm demo --pretraining_documents 0`'s) gets `RECOMMENDED_WITHOUT_BASE`: the same
 recipe without `klb`, the benchmark's choice before `klb` existed, with its margin a little below the non-members.
@@ -24,10 +28,12 @@ RECOMMENDED = {"loss_terms": ["simnpo", "klb", "gd", "gnm"], "simnpo_weight": 1.
 RECOMMENDED_WITHOUT_BASE = {"loss_terms": ["simnpo", "gd", "gnm"], "simnpo_weight": 1.0, "gd_weight": 5.0,
                             "gnm_weight": 0.2, "forget_completion_only_loss": False}
 RECIPES = {"recommended": RECOMMENDED, "paper": PAPER}
-# SimNPO's margin as a share of the target's mean non-member NLL. With `klb` the benchmark chose δ 5.5 among 5, 5.5
-# and 6 for a target whose non-members sit at 5.47 nats (run of 6cc8592) and δ 6 for one at 5.72 (run of ff67205):
-# the nearest grid point at or just above them; without it, δ 5 among 3, 4 and 5 for one at 5.52.
-MARGIN_SHARE_OF_NONMEMBER_NLL = 1.0
+# SimNPO's margin as a share of the mean NLL the target gives reference documents. With `klb` the benchmark chose δ
+# 5.5 among 5, 5.5 and 6 for a target whose unseen documents sit at 5.47 nats (run of 6cc8592) and δ 6 for one at
+# 5.72 (run of ff67205): the nearest grid point at or just above them; without it, δ 5 among 3, 4 and 5 for one at
+# 5.52. (Those runs read the level off the reported non-members; the benchmark now centres its grid on reference
+# documents, benchmarks/quality.py.)
+MARGIN_SHARE_OF_REFERENCE_NLL = 1.0
 MARGIN_SHARE_WITHOUT_BASE = 0.9
 
 
@@ -46,18 +52,27 @@ def membership_schedule(length: int) -> tuple[int, int, int]:
     return first, last, max(1, round(length / MEMBERSHIP_EVALUATIONS_PER_LENGTH))
 
 
-def calibrated_margin(nonmember_nll: float, with_base_model: bool = True) -> float:
-    """`simnpo_delta` of the recommended recipe for a target whose non-members have this mean NLL, to 0.1 nat."""
-    share = MARGIN_SHARE_OF_NONMEMBER_NLL if with_base_model else MARGIN_SHARE_WITHOUT_BASE
-    return round(share * nonmember_nll, 1)
+def calibrated_margin(reference_nll: float, with_base_model: bool = True) -> float:
+    """`simnpo_delta` of the recommended recipe for a target that gives reference documents (unseen text of the
+    forget documents' kind, used by no reported figure) this mean NLL, to 0.1 nat."""
+    share = MARGIN_SHARE_OF_REFERENCE_NLL if with_base_model else MARGIN_SHARE_WITHOUT_BASE
+    return round(share * reference_nll, 1)
 
 
-def recommended_recipe(nonmember_nll: float, base_model: str | None = None) -> dict:
+def reference_nll(model, tokenizer, reference_documents, batch_size: int = 16) -> float:
+    """The mean document NLL that `model` gives `reference_documents` (as the membership attack scores them)."""
+    from .evaluation.generation import document_nll
+
+    values = document_nll(model, tokenizer, list(reference_documents), batch_size=batch_size)
+    return sum(values) / len(values)
+
+
+def recommended_recipe(reference_nll: float, base_model: str | None = None) -> dict:
     """The recommended recipe for one target: `RECOMMENDED` with its `base_model` and margin, or, without a base
-    model, `RECOMMENDED_WITHOUT_BASE` with its margin."""
+    model, `RECOMMENDED_WITHOUT_BASE` with its margin (`reference_nll`: see `calibrated_margin`)."""
     if base_model:
-        return {**RECOMMENDED, "base_model": base_model, "simnpo_delta": calibrated_margin(nonmember_nll)}
-    return {**RECOMMENDED_WITHOUT_BASE, "simnpo_delta": calibrated_margin(nonmember_nll, with_base_model=False)}
+        return {**RECOMMENDED, "base_model": base_model, "simnpo_delta": calibrated_margin(reference_nll)}
+    return {**RECOMMENDED_WITHOUT_BASE, "simnpo_delta": calibrated_margin(reference_nll, with_base_model=False)}
 
 
 def describe(recipe: dict) -> str:

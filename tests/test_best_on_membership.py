@@ -27,15 +27,16 @@ REFERENCE = ["Hal Ivers keeps bees near Tork.", "The Quill Gala is held in Marro
 @pytest.fixture
 def workspace(tmp_path, memorised_target):
     """Forget rows that are sentence completions (their whole text: the member documents), reference documents
-    (`mia/nonmember.jsonl`) and a recipe that scores membership every step from step 2 of 6."""
+    (`reference.jsonl`) and a recipe that scores membership every step from step 2 of 6 (at a learning rate whose
+    best step comes before the last, so that loading it back shows)."""
     data = tmp_path / "data"
     write_jsonl(data / "forget_train.jsonl", lume_rows("forget", "sc1", 0, 4))
     write_jsonl(data / "retain_train.jsonl", lume_rows("retain", "qa0", 4, 6))
-    write_jsonl(tmp_path / "mia" / "nonmember.jsonl", [{"document": text} for text in REFERENCE])
+    write_jsonl(tmp_path / "reference.jsonl", [{"document": text} for text in REFERENCE])
     recipe = {
         "model_name_or_path": str(memorised_target), "data_dir": str(data), "loss_terms": ["ga"], "use_peft": True,
         "lora_r": 4, "lora_target_modules": ["all-linear"], "max_steps": 6, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-1, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "learning_rate": 5e-2, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
         "output_dir": str(tmp_path / "run"), "keep_best_membership_steps": 1, "membership_start_step": 2,
         "membership_reference": str(tmp_path),
     }
@@ -113,3 +114,28 @@ def test_the_callback_refuses_what_cannot_be_scored():
 def test_two_processes_with_different_batches_keep_the_same_step(workspace):
     """Every process scores its shard of the documents and takes the gathered decision; each loads best/."""
     two_process_run_keeps_best(workspace, "best_on_membership")
+
+
+@pytest.mark.parametrize("case", ["folder-of-nonmembers", "reference-is-the-reported-nonmembers",
+                                  "validation-nonmembers-are-the-reported-ones"])
+def test_calibration_documents_that_a_reported_score_uses_are_refused_before_any_work(workspace, capsys, case):
+    """A kept step chosen on the evaluation's own non-members would make its MIA score look better than it is."""
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    reported = [{"document": text} for text in REFERENCE[:2] + ["An unseen line about Pim Argo."]]
+    write_jsonl(workspace / "data" / "mia" / "nonmember.jsonl", reported)  # what `gnm evaluate --mia_data` reports on
+    if case == "folder-of-nonmembers":  # a folder is read for reference.jsonl, never for its nonmember.jsonl
+        recipe["membership_reference"] = str(workspace / "data")
+        expected = "membership_reference: " + str(workspace / "data") + ": no MIA file reference.jsonl"
+    elif case == "reference-is-the-reported-nonmembers":
+        expected = ("membership_reference: 2 of its 4 documents are also the MIA non-members of the training data ("
+                    + str(workspace / "data" / "mia" / "nonmember.jsonl") + ")")
+    else:
+        write_jsonl(workspace / "validation" / "nonmember.jsonl", reported)
+        for option in ("keep_best_membership_steps", "membership_start_step", "membership_reference"):
+            recipe.pop(option)
+        recipe.update(eval_on_validation_steps=2, validation_mia_nonmembers=str(workspace / "validation"))
+        expected = "validation_mia_nonmembers: 3 of its 3 documents are also the MIA non-members of the training data"
+    (workspace / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    line = error_line(capsys, workspace).split("gnm unlearn: error: ", 1)[1]
+    assert line.startswith(expected), line
+    assert not (workspace / "run").exists()

@@ -43,34 +43,54 @@ def test_quick_demo_forgets_and_keeps(tmp_path, capsys):
     assert json.loads((output / "demo_summary.json").read_text())["attack_seconds"] > 0
 
 
-def test_the_recommended_recipe_takes_its_margin_from_the_targets_non_members(tmp_path, capsys):
-    """A target trained from scratch has no base model (nothing to pretrain on): the recommended recipe without `klb`."""
+def reference_margin(target_dir, documents: int, with_base_model: bool) -> float:
+    """The margin computed apart from the demo: the target's mean NLL of the synthetic reference documents (seed 0),
+    one document at a time as `model(ids, labels=ids).loss`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gnm_trainer.data.synthetic import make_reference_documents
     from gnm_trainer.recipes import calibrated_margin
 
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(target_dir), AutoTokenizer.from_pretrained(target_dir)
+    with torch.no_grad():
+        values = [model(**(ids := tokenizer(text, return_tensors="pt")), labels=ids["input_ids"]).loss.item()
+                  for text in make_reference_documents(0, documents)]
+    return calibrated_margin(sum(values) / len(values), with_base_model=with_base_model)
+
+
+def test_the_recommended_recipe_takes_its_margin_from_reference_documents(tmp_path, capsys):
+    """A target trained from scratch has no base model (nothing to pretrain on): the recommended recipe without `klb`,
+    its margin from the reference documents, never from the evaluation's MIA non-members."""
     output = tmp_path / "demo"
     code = main(["demo", "--quick", "--pretraining_documents", "0", "--no_attacks", "--output_dir", str(output),
-                 "--max_steps", "2", "--max_new_tokens", "8", "--reference_documents", "0"])
+                 "--max_steps", "2", "--max_new_tokens", "8", "--fixed_steps", "--reference_documents", "6"])
     assert code == 0
     manifest = json.loads((output / "model" / "gnm_manifest.json").read_text())
     assert manifest["best_on_membership"] is None  # no step rule: the last step is the model
-    before = json.loads((output / "results_before.json").read_text())
-    margin = calibrated_margin(before["mia_mean_nll"]["nonmembers"], with_base_model=False)
-    assert margin > 0
+    summary = json.loads((output / "demo_summary.json").read_text())
+    margin = reference_margin(summary["target_dir"], 6, with_base_model=False)
+    assert summary["calibration"]["reference_documents"] == 6 and summary["calibration"]["simnpo_delta"] == margin
     printed = capsys.readouterr().out
     assert "keeping the step" not in printed
     assert f"simnpo 1 + gd 5 + gnm 0.2, forget_completion_only_loss=False, simnpo_delta={margin}," in printed
 
 
 def test_a_target_with_pretraining_documents_gives_the_recommended_recipe_its_base_model(tmp_path, capsys):
-    from gnm_trainer.recipes import calibrated_margin
-
     output, target = tmp_path / "demo", tmp_path / "target"
     code = main(["demo", "--quick", "--pretraining_documents", "6", "--no_attacks",
                  "--target_dir", str(target), "--output_dir", str(output), "--max_steps", "2", "--max_new_tokens", "8"])
     assert code == 0
     assert json.loads((target / "target_info.json").read_text())["pretraining"]["documents"] == 6
-    before = json.loads((output / "results_before.json").read_text())
-    margin = calibrated_margin(before["mia_mean_nll"]["nonmembers"], with_base_model=True)
+    margin = reference_margin(target, 24, with_base_model=True)
     printed = capsys.readouterr().out
     assert (f"simnpo 1 + klb 1 + gd 5 + gnm 0.2, forget_completion_only_loss=False, base_model={target}/pretrained, "
             f"simnpo_delta={margin},") in printed
+
+
+def test_the_recommended_recipe_refuses_to_run_without_reference_documents(tmp_path, capsys):
+    code = main(["demo", "--quick", "--reference_documents", "0", "--output_dir", str(tmp_path / "demo")])
+    assert code != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "reference_documents: the recommended recipe sets SimNPO's margin from them" in error[0]
+    assert not (tmp_path / "demo").exists()

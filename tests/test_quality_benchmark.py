@@ -152,7 +152,7 @@ def test_methods_option_selects_a_subset_by_name_or_slug():
         quality.select_methods("ga,nope", preset)
     # --kept_on_membership adds its methods to the run (in METHODS' order) when they are not in it:
     assert quality.ABLATION not in preset.methods
-    methods, kept = quality.run_methods("gnm-paper,ga", "simnpo-klb-gd-margin-5-5-whole-documents-no-gnm,ga", preset)
+    methods, kept = quality.run_methods("gnm-paper,ga", "simnpo-klb-gd-margin-at-the-reference-level-whole-documents-no-gnm,ga", preset)
     assert [method.name for method in methods] == ["GA", "GNM (paper)", quality.ABLATION]
     assert kept == ("GA", quality.ABLATION)
     assert quality.run_methods(None, "", preset) == (quality.select_methods(None, preset), ())
@@ -201,6 +201,9 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
             assert summary["attacks"][method][attack]["forget-set"]["overall"]["mean"] is not None
     report = summary["run"]["target_report"]
     assert report["nonmember_nll"] < report["uniform_nll"] and report["heldout_Task2_nll"] is not None
+    # SimNPO's margins sit around the reference documents' NLL, never read off the reported non-members.
+    margins = {row["options"]["simnpo_delta"] for row in tuned["table"]}
+    assert margins == {round(report["reference_nll"] + offset, 1) for offset in (-0.5, 0.0, 0.5)[: preset.grid_points]}
     assert summary["run"]["target"]["pretraining"]["documents"] > 0
     for name in ("summary.md", "summary.json", "tradeoff.png", "before.json", "negatives/perturb_validation.jsonl"):
         assert (output / name).is_file(), name
@@ -225,3 +228,13 @@ def test_smoke_preset_runs_end_to_end_and_caches(tmp_path, capsys):
     quality.main(command)
     assert capsys.readouterr().out.count("0 to run") == 3  # validation, comparison and attacks all from cache
     assert [path.stat().st_mtime_ns for path in runs] == stamps  # nothing re-ran
+
+
+def test_margins_are_resolved_from_the_reference_level():
+    method = quality.Method("m", ("simnpo", "gd"), options=(("simnpo_delta", quality.ReferenceMargin(-0.5)),
+                                                            ("forget_chunks", 2)),
+                            grid=(quality.Method("v", ("simnpo",), options=(("simnpo_delta", quality.ReferenceMargin(0.5)),)),))
+    [resolved] = quality.resolve_margins([method], 5.47)
+    assert dict(resolved.options) == {"simnpo_delta": 5.0, "forget_chunks": 2}
+    assert dict(resolved.grid[0].options) == {"simnpo_delta": 6.0}
+    assert str(quality.ReferenceMargin(-0.5)) == "referenceminus0.5" != str(quality.ReferenceMargin(0.5))

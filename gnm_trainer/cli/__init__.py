@@ -28,6 +28,7 @@ ARGPARSE_COMMANDS = {
     "evaluate": "evaluate",
     "merge": "merge",
     "make-target": "make_target",
+    "calibrate": "calibrate",
     "demo": "demo",
 }
 COMMANDS = ("unlearn", *ARGPARSE_COMMANDS)
@@ -42,6 +43,7 @@ commands:
   evaluate     score a model with the SemEval-2025 Task 4 metric
   merge        merge LoRA adapters into one with TIES (ZJUKLAB's SemEval-2025 recipe)
   make-target  train a tiny model that memorises a LUME-format dataset
+  calibrate    SimNPO's margin for the recommended recipe, from reference documents no reported figure uses
   demo         the whole pipeline end to end on the embedded synthetic default
 
 `gnm <command> --help` shows each command's options and examples; `gnm --version` the versions in use.

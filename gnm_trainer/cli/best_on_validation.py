@@ -54,7 +54,10 @@ def load_documents_option(path: str, option: str = "validation_mia_nonmembers",
     from ..evaluation.evaluator import _documents, _mia_file
 
     if os.path.isdir(path):
-        path = _mia_file(path, file_name)
+        try:
+            path = _mia_file(path, file_name)
+        except GNMInputError as error:
+            raise GNMInputError(f"{option}: {error}") from None
     elif not os.path.isfile(path):
         raise GNMInputError(f"{option}: {path}: file or folder not found")
     return _documents(path)

@@ -38,9 +38,11 @@ def register(subparsers) -> None:
                         help="synthetic documents the target reads before it memorises the dataset, which gives it "
                         "a base model (the recommended recipe's klb term) (default: %(default)s)")
     parser.add_argument("--reference_documents", type=int, default=defaults.reference_documents,
-                        help="the recommended recipe keeps the step at which the forget documents look most like this "
-                        "many synthetic documents the target never read, training to 4/3 of max_steps; 0: max_steps, "
-                        "the last step kept (default: %(default)s)")
+                        help="synthetic documents the target never read, used by no reported figure: the recommended "
+                        "recipe sets SimNPO's margin from their mean NLL and keeps the step at which the forget "
+                        "documents look most like them, training to 4/3 of max_steps (default: %(default)s)")
+    parser.add_argument("--fixed_steps", action="store_true",
+                        help="the recommended recipe without its step rule: max_steps, the last step kept")
     parser.add_argument("--negatives_backend", choices=["perturb", "llm"], default=defaults.negatives_backend)
     parser.add_argument("--negative_levels", type=int, default=defaults.negative_levels)
     parser.add_argument("--max_steps", type=int, default=defaults.max_steps, help="unlearning steps (default: %(default)s)")
@@ -62,6 +64,7 @@ def run(args) -> int:
             recipe=args.recipe,
             pretraining_documents=args.pretraining_documents,
             reference_documents=args.reference_documents,
+            fixed_steps=args.fixed_steps,
             negatives_backend=args.negatives_backend,
             negative_levels=args.negative_levels,
             max_steps=args.max_steps,

@@ -93,7 +93,8 @@ class UnlearnScriptArguments:
         default=None,
         metadata={
             "help": "Documents of the forget documents' kind that the model never read (a file with a 'document' "
-            "field per row, or a folder with nonmember.jsonl); not the non-members an evaluation will use."
+            "field per row, or a folder with reference.jsonl); never the non-members an evaluation reports on "
+            "(refused when they are the data_dir's mia/nonmember.jsonl)."
         },
     )
     membership_members: str | None = field(
@@ -161,8 +162,15 @@ def parse_arguments(argv: list[str]):
 
 
 def build_peft_config(script_args: UnlearnScriptArguments, model_args):
-    """LoRA through TRL's `get_peft_config`, or AdaLoRA from the same `lora_*` flags; None without `--use_peft`."""
+    """LoRA through TRL's `get_peft_config`, or AdaLoRA from the same `lora_*` flags; None without `--use_peft`.
+    What the config alone shows is checked here, before the model loads (`peft_checks`); the rest when GNMTrainer
+    wraps the model."""
+    import dataclasses
+
+    from peft import AdaLoraConfig
     from trl import get_peft_config
+
+    from ..peft_checks import build_config, check_config
 
     if not model_args.use_peft:
         return None
@@ -172,30 +180,31 @@ def build_peft_config(script_args: UnlearnScriptArguments, model_args):
         model_args.lora_target_modules = [target]
     layers = chosen_layers(script_args.lora_layers_to_transform, model_args.lora_target_modules)
     if script_args.peft_method == "lora":
-        import dataclasses
-
-        return dataclasses.replace(get_peft_config(model_args), layers_to_transform=layers)
-    from peft import AdaLoraConfig
-
-    if script_args.adalora_target_r > model_args.lora_r:
-        raise GNMInputError(
-            f"adalora_target_r: {script_args.adalora_target_r} is above the initial rank lora_r={model_args.lora_r}; "
-            "AdaLoRA prunes ranks from lora_r down to adalora_target_r"
+        config = build_config(lambda: dataclasses.replace(get_peft_config(model_args), layers_to_transform=layers))
+    else:
+        config = build_config(
+            AdaLoraConfig,
+            task_type=model_args.lora_task_type,
+            init_r=model_args.lora_r,
+            target_r=script_args.adalora_target_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            layers_to_transform=layers,
+            # Every LoRA flag reaches the config, so that one AdaLoRA cannot use is refused, not dropped.
+            target_parameters=model_args.lora_target_parameters,
+            modules_to_save=model_args.lora_modules_to_save,
+            use_rslora=model_args.use_rslora,
+            tinit=script_args.adalora_tinit,
+            tfinal=script_args.adalora_tfinal,
+            deltaT=script_args.adalora_delta_t,
+            # A placeholder that passes PEFT's own check; GNMTrainer sets the real training length.
+            total_step=script_args.adalora_tinit + script_args.adalora_tfinal + 1,
         )
-    return AdaLoraConfig(
-        task_type=model_args.lora_task_type,
-        init_r=model_args.lora_r,
-        target_r=script_args.adalora_target_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules,
-        layers_to_transform=layers,
-        tinit=script_args.adalora_tinit,
-        tfinal=script_args.adalora_tfinal,
-        deltaT=script_args.adalora_delta_t,
-        # A placeholder that passes PEFT's own check; GNMTrainer sets the real training length.
-        total_step=script_args.adalora_tinit + script_args.adalora_tfinal + 1,
-    )
+        if model_args.use_dora:
+            config.use_dora = True  # AdaLoraConfig refuses it while built: check_config names the flag instead
+    check_config(config)
+    return config
 
 
 def chosen_layers(layers, target_modules) -> list[int] | None:
@@ -349,7 +358,7 @@ def checkpoint_to_resume(training_args) -> str | None:
 def check_run(script_args, training_args, model_args) -> str:
     """Every check that needs no model or data, before any work starts; returns the data source."""
     from ..data.loading import refuse_single_file
-    from .best_on_membership import check_membership_options
+    from .best_on_membership import check_membership_options, refuse_reported_nonmembers
     from .best_on_validation import check_validation_options
 
     if model_args.model_name_or_path is None:
@@ -362,6 +371,7 @@ def check_run(script_args, training_args, model_args) -> str:
     refuse_single_file(script_args.data_dir, "data_dir")  # it would be both the forget and the retain set
     check_validation_options(script_args)
     check_membership_options(script_args)
+    refuse_reported_nonmembers(script_args)
     check_output_folder(training_args.output_dir, "output_dir")
     refuse_finished_output(training_args.output_dir, script_args.overwrite_output)
     check_hub_access(training_args)

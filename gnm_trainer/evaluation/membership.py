@@ -14,11 +14,30 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback
 
+from ..errors import GNMInputError
+
 from .callback import BEST_DIR, save_best_checkpoint
 from .evaluator import eval_mode, mia_document_nll
 from .semeval import mia_auc, mia_score
 
 LOG_PREFIX = "membership/"
+
+
+def refuse_evaluation_documents(reference: Sequence[str], evaluation_nonmembers: Sequence[str], option: str,
+                                evaluation: str = "the evaluation's MIA non-members") -> None:
+    """A one-line `GNMInputError` naming `option` when a reference document is also one of `evaluation_nonmembers`
+    (compared by content, white space folded): a margin or a kept step calibrated on the documents that a score is
+    reported on makes that score look better than it is."""
+    def folded(text: str) -> str:
+        return " ".join(text.split())
+
+    reported = {folded(document) for document in evaluation_nonmembers}
+    shared = [document for document in reference if folded(document) in reported]
+    if shared:
+        raise GNMInputError(
+            f"{option}: {len(shared)} of its {len(reference)} documents are also {evaluation} (first: "
+            f"{shared[0][:50]!r}); calibrate on documents of their kind that no reported figure uses"
+        )
 OBJECTIVE = "membership/mia_score"
 
 
