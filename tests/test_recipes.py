@@ -154,7 +154,7 @@ def test_the_recommended_recipe_of_a_target_with_and_without_a_base_model():
 
     with_base = recommended_recipe(5.47, "runs/target/pretrained")
     assert with_base == {**RECOMMENDED, "base_model": "runs/target/pretrained", "simnpo_delta": 5.5}
-    assert recommended_recipe(3.593) == {**RECOMMENDED_WITHOUT_BASE, "simnpo_delta": 3.2}
+    assert recommended_recipe(4.946) == {**RECOMMENDED_WITHOUT_BASE, "simnpo_delta": 4.5}
 
 
 @pytest.mark.parametrize("model", ["olmo-7b", "olmo-1b"])
@@ -180,9 +180,13 @@ def test_a_recipe_is_described_with_its_weights_and_its_other_settings():
     assert describe(whole_text) == "simnpo 1 + gd 1, forget_completion_only_loss=False"
 
 
-def test_the_recommended_margin_is_the_targets_non_member_nll_or_nine_tenths_of_it_without_klb():
+def test_the_recommended_margin_is_the_reference_nll_or_nine_tenths_of_it_without_klb():
+    import yaml
+
     from gnm_trainer.recipes import calibrated_margin
 
     assert calibrated_margin(5.47) == 5.5  # the quality benchmark's target: its grid chose δ 5.5 with klb
     assert calibrated_margin(5.52, with_base_model=False) == 5.0  # and δ 5 without klb (run of b17e659)
-    assert calibrated_margin(3.593, with_base_model=False) == 3.2  # the default target (recipes/tiny/embedded)
+    # The default target (recipes/tiny/embedded): `gnm calibrate` on its reference.jsonl measured 4.946 nats.
+    with open(os.path.join(ROOT, "recipes", "tiny", "embedded", "config_recommended.yaml"), encoding="utf-8") as handle:
+        assert yaml.safe_load(handle)["simnpo_delta"] == calibrated_margin(4.946, with_base_model=False) == 4.5
