@@ -36,7 +36,7 @@ from .modeling import (
     save_merged,
     train_adapter,
 )
-from .packed_forward import logits_only_at, resolve_padding_free
+from .packed_forward import logits_only_at, packs_into_one_row, resolve_padding_free
 from .reference import (
     add_reference_adapter,
     frozen_copy,
@@ -374,14 +374,16 @@ class GNMTrainer(Trainer):
 
     def _forward(self, model, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Logits (N, vocab) of every group at the positions that predict its completion tokens, in sequence order
-        (they line up with `losses.completion_targets`). Packed rows in one forward pass with `padding_free`;
-        otherwise padded, in one pass or one per group (see `GNMConfig.forward_passes`)."""
+        (they line up with `losses.completion_targets`). Packed rows in one forward pass with `padding_free` (a single
+        row for FlashAttention, `packs_into_one_row`); otherwise padded, in one pass or one per group (see
+        `GNMConfig.forward_passes`)."""
         if not groups:
             return {}
         unwrapped = self.accelerator.unwrap_model(model)
         pad_id = self.processing_class.pad_token_id
         if self.padding_free:
-            packed = pack_groups(list(groups.values()), self.max_packed_length, pad_id)
+            one_row = packs_into_one_row(unwrapped)
+            packed = pack_groups(list(groups.values()), self.max_packed_length, pad_id, one_row=one_row)
             with logits_only_at(unwrapped, packed.loss_positions):
                 logits = model(**packed.model_inputs(), use_cache=False).logits
         else:

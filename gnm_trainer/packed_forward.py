@@ -1,4 +1,5 @@
-"""The model side of padding-free training: whether a model can run packed rows, and logits only where a loss reads.
+"""The model side of padding-free training: whether a model can run packed rows, whether they must be one row
+(FlashAttention), and logits only where a loss reads.
 
 Below the trainer (evaluation can use it too); the layout itself is `data/packing.py`.
 """
@@ -16,8 +17,9 @@ from .modeling import is_peft_model
 
 logger = logging.get_logger(__name__)
 
-# Attention implementations that take the sequence boundaries from packed `position_ids` (masking_utils builds the
-# block-diagonal mask for the first three; FlashAttention uses its variable-length kernel).
+# Attention implementations that take the sequence boundaries from packed `position_ids`: masking_utils builds the
+# block-diagonal mask for the first three, in any number of rows; FlashAttention runs its variable-length kernel, but
+# only on a batch of one row (`packs_into_one_row`).
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 # A model's code hands `position_ids` to masking_utils' mask builder: a call with `position_ids=` or a kwargs dict.
 _MASK_TAKES_POSITIONS = re.compile(
@@ -26,10 +28,14 @@ _MASK_TAKES_POSITIONS = re.compile(
 )
 
 
+def _base_model(model):
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def packing_unsupported_reason(model) -> str | None:
     """Why `model` cannot train on packed rows (None when it can). Read from the model's class, code and config
     only, never from data: every process decides the same."""
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = _base_model(model)
     config = base.config
     if getattr(config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model"
@@ -45,6 +51,15 @@ def packing_unsupported_reason(model) -> str | None:
     if not _MASK_TAKES_POSITIONS.search(inspect.getsource(sys.modules[type(base).__module__])):
         return f"{type(base).__name__} builds its attention mask without position_ids"
     return None
+
+
+def packs_into_one_row(model) -> bool:
+    """Whether `model`'s packed sequences must all go into ONE row. FlashAttention (transformers 5,
+    `modeling_flash_attention_utils._is_packed_sequence`) reads the sequence bounds from `position_ids` only in a
+    batch of one row; given several rows it runs causal attention over each whole row, so a sequence would attend to
+    the sequences before it. Read from the model's config only: every process decides the same."""
+    implementation = getattr(_base_model(model).config, "_attn_implementation", None) or ""
+    return "flash" in implementation  # transformers' own test (`utils.generic.is_flash_attention_requested`)
 
 
 def resolve_padding_free(padding_free: bool | None, model) -> bool:

@@ -10,12 +10,16 @@ at a time. The batched versions here give the same tokens and the same losses:
   positions are counted from its first real token;
 - a batch's key/value cache is allocated once with room for the new tokens (`preallocated_cache`), so a decoding
   step writes its states in place instead of copying the whole cache;
-- documents are PACKED end to end without padding, positions restarting at 0 in each (`packed_nll.py`), where the
-  model supports it, else RIGHT-padded with a mask (padding after a token cannot change its causal logits); the loss
-  of each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
+- documents are PACKED end to end without padding, positions restarting at 0 in each (`packed_nll.py`; one row per
+  forward pass under FlashAttention, which finds packed documents only in a batch of one row), where the model
+  supports it, else RIGHT-padded with a mask (padding after a token cannot change its causal logits); the loss of
+  each document is the mean cross-entropy over its own tokens, as `labels=ids` computes it;
 - examples are sorted by length (longest first, so an out-of-memory error shows at once) to keep padding small,
   and results come back in input order; packed rows are capped in tokens (`PACKED_ROW_TOKENS`) and
   so are padded NLL batches on a CPU (`CPU_NLL_BATCH_TOKENS`).
+
+Under FlashAttention the padded batches (generation, padded NLL) are unpadded by their attention mask and run its
+variable-length kernel, each sequence on its own (tested on an emulation of the kernels, `tests/test_flash_packing.py`).
 
 Both batched functions can show a tqdm progress bar (`show_progress`, off by default), counted in prompts or
 documents, like the bars of the rest of the Hugging Face stack.
@@ -291,9 +295,9 @@ def document_nll(
 
     Packed without padding (`packed_nll.py`) when the model separates packed documents by their positions: rows of at
     most `PACKED_ROW_TOKENS` tokens (or the longest document's), one row per forward on a CPU (where one row already
-    runs at full speed) and `batch_size` rows elsewhere. Otherwise padded batches of at most `batch_size` documents
-    (and `CPU_NLL_BATCH_TOKENS` positions on a CPU).
-    `show_progress` shows a bar.
+    runs at full speed) and `batch_size` rows elsewhere (end to end in one row under FlashAttention). Otherwise padded
+    batches of at most `batch_size` documents (and `CPU_NLL_BATCH_TOKENS` positions on a CPU). `show_progress` shows a
+    bar.
     """
     encoded = encode_each(tokenizer, documents)
     on_cpu = model.device.type == "cpu"
