@@ -179,8 +179,16 @@ def test_duplicate_ids(workspace, capsys):
 
 
 def test_rows_in_both_forget_and_retain_are_a_warning_with_counts(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    """Ids and (prompt, completion) pairs are counted apart; the counts differ here so that neither stands in for
+    the other: 2 shared ids (forget001 whole, forget002's id on other text) and 3 shared pairs (forget001's, and
+    forget000's and forget003's texts under retain ids)."""
     forget = fact_rows("forget", 0, 4)
-    retain = fact_rows("retain", 4, 8) + [dict(forget[1])]
+    retain = fact_rows("retain", 4, 8) + [
+        dict(forget[1]),  # same id, same text
+        dict(forget[2], input="What is the capital of Nowhere?", output="Nowhere has none."),  # same id only
+        dict(forget[0], id="retain900qa0"),  # same text only
+        dict(forget[3], id="retain901qa0"),  # same text only
+    ]
     with caplog.at_level(logging.WARNING, logger=TRAINER_LOGGER):
         GNMTrainer(
             tiny_model, small_config(tmp_path, loss_terms=["ga", "klr"]), train_dataset=forget, retain_dataset=retain,
@@ -188,8 +196,10 @@ def test_rows_in_both_forget_and_retain_are_a_warning_with_counts(tmp_path, tiny
         )
     warnings = [r.getMessage() for r in caplog.records if r.name == TRAINER_LOGGER and r.levelno == logging.WARNING]
     overlap = [message for message in warnings if "in both the forget and the retain set" in message]
-    assert len(overlap) == 1, warnings
-    assert "1" in overlap[0]  # the count of shared rows
+    assert overlap == [
+        "2 ids and 3 (prompt, completion) pairs are in both the forget and the retain set "
+        "(first ids: ['forget001qa0', 'forget002qa0']); they are unlearned and retained at the same time"
+    ], warnings
 
 
 # ---------------------------------------------------------------------------------------------------------------

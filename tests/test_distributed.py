@@ -29,7 +29,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FACTS, fact_rows, write_jsonl, write_workspace
+from conftest import FACTS, fact_negatives, fact_rows, write_jsonl, write_workspace
 
 from gnm_trainer.distributed import cpu_launch_overrides, parameter_counts
 from gnm_trainer.reference import reference_deepspeed_config
@@ -417,8 +417,171 @@ def test_klb_with_ranks_of_different_batches_does_not_hang(uneven_workspace, lau
            timeout=HANG_TIMEOUT)  # fmt: skip
 
     steps = logged_steps(run_dir)
+    print(f"\nklb {setting}: loss_klb per step {[step['loss_klb'] for step in steps]}")
     assert len(steps) == 3 and all(math.isfinite(step["loss_klb"]) for step in steps)
-    assert steps[0]["loss_klb"] == pytest.approx(0.0, abs=1e-4)  # the base is the target: nothing moved yet
+    # At step 1 the base is the model (the target; LoRA's B = 0 adds exactly 0), so klb is 0 up to the rounding of
+    # the two forward passes. Padded, `auto` runs the long forget rows in a pass of their own, as the base's pass
+    # does: the same computation bit for bit, exactly 0. Packed, the model packs the forget rows beside the retain
+    # rows and the base packs them alone: other matmul shapes, logits equal to ~1e-6, a KL of their square (measured
+    # 3.1e-9). Either way far below step 2's (4e-5 to 1.4e-4), which the former bound of 1e-4 could not tell apart.
+    assert abs(steps[0]["loss_klb"]) <= (1e-7 if padding_free else 0.0)
+    assert steps[1]["loss_klb"] > 1e-6  # the model moved, the base did not
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards of different sizes, gradient accumulation, average_tokens_across_devices: how the loss is normalised
+# ---------------------------------------------------------------------------------------------------------------
+
+# Plain SGD at a constant rate without clipping: the update is the learning rate times the gradient, so a gradient
+# normalised by the wrong count moves the weights by that factor (Adam, nearly blind to a gradient's scale, and
+# clipping would hide it), and weights averaged over runs are the runs' updates averaged.
+SGD_FLAGS = ["--optim", "sgd", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--max_grad_norm", "0"]
+# Without this, accelerate completes the last batch of a process with examples from the start of the data set
+# (`even_batches`): an uneven shard would train on duplicates that one process never sees.
+UNEVEN_BATCHES = ["--accelerator_config", '{"even_batches": false}']
+# Relative tolerances under SGD (float32; measured at most 8.7e-8 on the logged values and 2.4e-6 on the weights):
+# the processes pack their rows apart and sum in another order, which only rounds differently, and SGD, unlike
+# Adam (see the top), does not blow rounding up.
+SGD_VALUE_TOLERANCE = 1e-5
+SGD_WEIGHT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def seven_rows(tmp_path_factory, tiny_tokenizer):
+    """A target and 7 forget rows, rows 0, 1 and 6 made long (every fact in one completion). At 2 rows per batch on 2
+    processes in order, without even batches, process 0 trains on rows [0, 1] then [4, 5] and process 1 on [2, 3]
+    then [6] alone: the two processes' batches differ in length at every step, and in size at the second (2 rows
+    against 1). One process at batch 4 trains on [0..3] then [4, 5, 6]: the same examples per optimizer step."""
+    root = tmp_path_factory.mktemp("seven_rows")
+    model = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256)
+    every_fact = " ".join(answer for _, answer in FACTS)
+    forget = fact_rows("forget", 0, 7)
+    for index in (0, 1, 6):
+        forget[index]["output"] = every_fact
+    return write_workspace(root, model, tiny_tokenizer, forget, fact_rows("retain", 0, 8)), forget
+
+
+def sgd_arguments(workspace, run_dir, batch_size: int, *extra: str) -> list[str]:
+    """LoRA, rows in order, plain SGD; `extra` flags override (argparse keeps the last of a repeated flag)."""
+    arguments = unlearn_arguments(workspace, run_dir, peft=True, batch_size=batch_size)
+    return arguments + ["--train_sampling_strategy", "sequential", *SGD_FLAGS, *extra]
+
+
+def relative_value_difference(steps, baseline_steps) -> float:
+    """Largest |a - b| / max(1, |b|) over every logged loss, term, NLL and gradient norm of every step."""
+    assert len(steps) == len(baseline_steps) and all(a.keys() == b.keys() for a, b in zip(steps, baseline_steps))
+    return max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for a, b in zip(steps, baseline_steps) for k in a)
+
+
+def one_process_run(workspace, name: str, arguments):
+    """The run folder of `gnm unlearn` in this process; `arguments(run_folder)` gives its arguments."""
+    run_dir = workspace / name
+    assert load_script().main([str(workspace / f"report_{name}"), "unlearn", *arguments(run_dir)]) == 0
+    return run_dir
+
+
+def two_process_run(workspace, env, name: str, arguments):
+    """The run folder of `gnm unlearn` on 2 processes (DDP), checked to have run on 2."""
+    run_dir, report_dir = workspace / name, workspace / f"report_{name}"
+    launch(workspace, env, SETTINGS["ddp"], [str(report_dir), "unlearn", *arguments(run_dir)], timeout=HANG_TIMEOUT)
+    assert [(r["process_index"], r["num_processes"]) for r in reports(report_dir)] == [(0, 2), (1, 2)]
+    return run_dir
+
+
+def training_entries(run_dir) -> list[dict]:
+    """The training entries (those with a loss) of trainer_state.json."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "loss" in entry]
+
+
+def test_shards_of_different_sizes_train_like_one_process(seven_rows, launch_env):
+    """2 processes whose batches differ in size and length against 1 process on the same examples per step: every
+    logged term, NLL, the loss and the gradient norm, and the trained adapter, alike. Each process divides its sum
+    over its examples by the step's examples over all processes (`average_tokens_across_devices`, the default)
+    halved, and DDP averages the 2 gradients: the sum over the 3 examples of step 2 divided by 3, as one process
+    does. (Dividing by a process's own count would weigh row 6 twice as much as rows 4 and 5.)"""
+    workspace, _ = seven_rows
+    one = one_process_run(workspace, "shards_one", lambda run: sgd_arguments(workspace, run, 4, "--max_steps", "2"))
+    two = two_process_run(workspace, launch_env, "shards_two",
+                          lambda run: sgd_arguments(workspace, run, 2, "--max_steps", "2", *UNEVEN_BATCHES))
+    steps, baseline_steps = logged_steps(two), logged_steps(one)
+    assert len(steps) == 2 and all(step["grad_norm"] > 0 for step in steps)
+    values = relative_value_difference(steps, baseline_steps)
+    weights = relative_update_difference(
+        effective_weights(two, workspace, True), effective_weights(one, workspace, True),
+        effective_weights(None, workspace, True),
+    )  # fmt: skip
+    print(f"\nshards of 2 and 1 rows: logged values {values:.1e}, weights {weights:.1e} (relative)")
+    assert values <= SGD_VALUE_TOLERANCE
+    assert weights <= SGD_WEIGHT_TOLERANCE
+
+
+def test_gradient_accumulation_on_two_processes_is_one_update(seven_rows, launch_env):
+    """2 processes x 2 micro-batches (process 1's second holds one row) against 1 process x 4 micro-batches over
+    the same 7 rows: one optimizer step per pass over the data, the same update. Every micro-batch divides by the
+    step's 7 examples (counted over the micro-batches and the processes), whatever its own size or process."""
+    workspace, _ = seven_rows
+    one = one_process_run(workspace, "accumulation_one", lambda run: sgd_arguments(
+        workspace, run, 2, "--gradient_accumulation_steps", "4", "--max_steps", "2"))
+    two = two_process_run(workspace, launch_env, "accumulation_two", lambda run: sgd_arguments(
+        workspace, run, 2, "--gradient_accumulation_steps", "2", "--max_steps", "2", *UNEVEN_BATCHES))
+    steps, baseline_steps = logged_steps(two), logged_steps(one)
+    assert [entry["epoch"] for entry in training_entries(two)] == [1.0, 2.0]  # one update per pass over the rows
+    values = relative_value_difference(steps, baseline_steps)
+    weights = relative_update_difference(
+        effective_weights(two, workspace, True), effective_weights(one, workspace, True),
+        effective_weights(None, workspace, True),
+    )  # fmt: skip
+    print(f"\naccumulation 2 x 2 processes against 4 x 1: logged values {values:.1e}, weights {weights:.1e}")
+    assert values <= SGD_VALUE_TOLERANCE
+    assert weights <= SGD_WEIGHT_TOLERANCE
+
+
+def test_without_average_tokens_each_process_takes_its_own_mean(seven_rows, launch_env):
+    """`average_tokens_across_devices=False`: each process divides by its own examples and DDP averages the
+    processes, so on shards of 2 and 1 rows the single row weighs as much as the other two together. Expected
+    independently from two one-process runs, one per shard, each a mean over its own rows: with one SGD step from
+    the same start, the 2-process weights are the mean of theirs, its loss the mean of their losses, while the
+    logged terms stay per-example means over all 3 rows (2:1), as `_record_metrics` gathers them."""
+    workspace, forget = seven_rows
+    shards = {"all": forget[:3], "a": forget[:2], "b": forget[2:3]}  # rows 0 and 1 (long) on process 0, row 2 alone
+    for name, rows in shards.items():
+        write_jsonl(workspace / f"data_{name}" / "forget.jsonl", rows)
+        write_jsonl(workspace / f"data_{name}" / "retain.jsonl", fact_rows("retain", 0, 8))
+        write_jsonl(workspace / f"negatives_{name}.jsonl", fact_negatives(rows))
+
+    def arguments(name: str, batch_size: int, *extra: str):
+        # ga and gnm only: they read nothing but each row's own text, so a shard run alone sees what the process
+        # saw (klr's retain pairing follows the row's index in the whole forget set).
+        data, negatives = workspace / f"data_{name}", workspace / f"negatives_{name}.jsonl"
+        return lambda run: sgd_arguments(
+            workspace, run, batch_size, "--max_steps", "1", "--loss_terms", "ga", "gnm", "--data_dir", str(data),
+            "--negatives_path", str(negatives), *extra,
+        )  # fmt: skip
+
+    alone = {name: one_process_run(workspace, f"own_mean_{name}", arguments(name, size)) for name, size in
+             (("a", 2), ("b", 1))}  # fmt: skip
+    two = two_process_run(workspace, launch_env, "own_mean_two",
+                          arguments("all", 2, "--average_tokens_across_devices", "false", *UNEVEN_BATCHES))
+
+    (step,), (a,), (b,) = logged_steps(two), logged_steps(alone["a"]), logged_steps(alone["b"])
+    expected = {key: (2 * a[key] + b[key]) / 3 for key in step if key.startswith(("loss_", "nll_"))}
+    expected["loss"] = (a["loss"] + b["loss"]) / 2  # what was optimised: the mean of the two processes' means
+    values = max(abs(step[key] - value) / max(1.0, abs(value)) for key, value in expected.items())
+
+    start = effective_weights(None, workspace, True)
+    trained = {name: effective_weights(run, workspace, True) for name, run in alone.items()}
+    mean_of_processes = {k: (trained["a"][k] + trained["b"][k]) / 2 for k in start}
+    weights = relative_update_difference(effective_weights(two, workspace, True), mean_of_processes, start)
+    # What `average_tokens_across_devices=True` would have given: every row weighing the same (2:1).
+    per_example = {k: (2 * trained["a"][k] + trained["b"][k]) / 3 for k in start}
+    apart = relative_update_difference(effective_weights(two, workspace, True), per_example, start)
+    print(f"\nown means: logged values {values:.1e}, weights {weights:.1e}; from the per-example update {apart:.2f}")
+    # the two weightings differ here, by far more than the tolerance (measured: 2.6e-3 on the loss, 0.26 on weights)
+    assert abs(expected["loss"] - (2 * a["loss"] + b["loss"]) / 3) > 100 * SGD_VALUE_TOLERANCE
+    assert values <= SGD_VALUE_TOLERANCE
+    assert weights <= SGD_WEIGHT_TOLERANCE
+    assert apart > 100 * SGD_WEIGHT_TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------------------------

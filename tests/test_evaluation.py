@@ -563,15 +563,40 @@ def test_callback_keeps_the_best_step(tmp_path, tiny_model, tiny_tokenizer, forg
         semeval_results([_row("retain", "Task2", "qa", 1.0)], mmlu=None) | {"aggregate-score": next(objectives)}, []))
     callback = SemEvalCallback(forget_rows, retain_rows, eval_steps=2)
     args, state, control = _args_and_state(tmp_path)
+    marker = tiny_model.lm_head.weight
     for step in range(1, 6):
         state.global_step = step
+        with torch.no_grad():
+            marker[0, 0] = step  # the weights "trained" up to this step, recognisable in a saved copy
         callback.on_step_end(args, state, control, model=tiny_model, processing_class=tiny_tokenizer)
     callback.on_train_end(args, state, control, model=tiny_model, processing_class=tiny_tokenizer)
-    assert [entry["step"] for entry in state.log_history] == [2, 4, 5]
-    assert [entry["semeval/aggregate-score"] for entry in state.log_history] == [0.3, 0.5, 0.4]
+    # Each evaluation logs the numeric leaves of the results, nested keys joined by "/" (None, lists and notes
+    # left out): one retain qa row scored 1.0 gives K = 1 for Task2 and overall, and a harmonic mean of 1.
+    assert state.log_history == [
+        {"step": step, "semeval/retain-set/overall-knowledge-score": 1.0,
+         "semeval/retain-set/Task2/knowledge-score": 1.0, "semeval/harmonic-mean-task-aggregate": 1.0,
+         "semeval/aggregate-score": objective}
+        for step, objective in ((2, 0.3), (4, 0.5), (5, 0.4))
+    ]  # fmt: skip
     best = json.load(open(os.path.join(args.output_dir, "best", "best.json")))
     assert (best["step"], best["value"]) == (4, 0.5) and callback.best_step == 4
-    assert os.path.isfile(os.path.join(args.output_dir, "best", "config.json"))
+    assert best["results"]["retain-set"]["Task2"]["knowledge-score"] == 1.0
+    # The saved model is the one of step 4 (not the last, step 5, which scored lower).
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(args.output_dir, "best"))
+    assert saved.lm_head.weight[0, 0].item() == 4.0 and marker[0, 0].item() == 5.0
+
+    # Minimising the same objective keeps the lowest value, step 2; a later tie does not replace it.
+    objectives = iter([0.3, 0.5, 0.3])
+    lowest = SemEvalCallback(forget_rows, retain_rows, eval_steps=2, greater_is_better=False, save_best=False)
+    args, state, control = _args_and_state(tmp_path / "lowest")
+    for step in range(1, 6):
+        state.global_step = step
+        lowest.on_step_end(args, state, control, model=tiny_model, processing_class=tiny_tokenizer)
+    lowest.on_train_end(args, state, control, model=tiny_model, processing_class=tiny_tokenizer)
+    assert (lowest.best_step, lowest.best_value) == (2, 0.3)
+    assert not os.path.exists(os.path.join(args.output_dir, "best"))  # save_best=False writes nothing
 
 
 def test_callback_forwards_dtype_template_and_progress(tmp_path, tiny_model, tiny_tokenizer, forget_rows,

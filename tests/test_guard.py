@@ -209,8 +209,20 @@ def test_rollback_restores_the_trained_weights(method, tiny_model, tiny_tokenize
     current = trained_weights(trainer.model)
     assert current.keys() == weights_at_checkpoint.keys()
     assert all(torch.equal(current[name], tensor) for name, tensor in weights_at_checkpoint.items())
-    assert rank_pattern(trainer.model) == pattern_at_checkpoint
-    if method == "adalora":
+    # The rollback moved the weights: those of step 3 (finite, saved before the guard acted) differ from them.
+    assert any(not torch.equal(current[name], tensor) for name, tensor in saves.saved[3][0].items())
+    if method != "adalora":  # the rolled-back weights are those of checkpoint-2's file, read back independently
+        if method == "full":
+            on_disk, in_model = load_file(os.path.join(good, "model.safetensors")), trainer.model.state_dict()
+        else:
+            from peft import get_peft_model_state_dict
+
+            on_disk = load_file(os.path.join(good, "adapter_model.safetensors"))
+            in_model = get_peft_model_state_dict(trainer.model)  # PEFT's own names and selection of what it saves
+        assert on_disk.keys() <= in_model.keys() and len(on_disk) == len(current)  # every trained tensor, once
+        assert all(torch.equal(in_model[name], tensor) for name, tensor in on_disk.items())
+    else:
+        assert rank_pattern(trainer.model) == pattern_at_checkpoint
         assert not all(all(kept) for kept in pattern_at_checkpoint.values())  # pruned before the checkpoint
         assert pattern_at_checkpoint != saves.saved[3][1]  # and differently after it: the rollback restored it
     if method != "full":  # the final adapter (PEFT's format, AdaLoRA trimmed) loads into the rolled-back model

@@ -13,16 +13,18 @@ import sys
 
 import pytest
 
-from conftest import FACTS
+from conftest import FACTS, fact_rows
+from gnm_trainer.data import load_unlearning_data
 from gnm_trainer.evaluation.generation import length_sorted_batches
 from gnm_trainer.negatives.llm import first_line, first_line_complete, generate_texts
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import speed  # noqa: E402
-from speedbench.common import supports_padding_free  # noqa: E402
+from speedbench import training as training_module  # noqa: E402
+from speedbench.common import PRESETS, Data, supports_padding_free  # noqa: E402
 from speedbench.flops import linear_weights, lora_step_flops, peak_tflops, utilisation  # noqa: E402
-from speedbench.training import packed_rows, read_logits, real_sequences  # noqa: E402
+from speedbench.training import TrainerRun, packed_rows, read_logits, real_sequences  # noqa: E402
 
 FIGURES = {
     "a": ("gnm_seconds_per_example", "padded_seconds_per_example", "published_seconds_per_example",
@@ -49,12 +51,9 @@ def test_smoke_preset_writes_every_figure(tmp_path, capsys):
     assert training["same_batches"] is True  # the default and the padded step trained on the same batches
     assert training["computed_tokens_per_step"] >= training["real_tokens_per_step"] > 0
     assert training["padded_computed_tokens_per_step"] > training["real_tokens_per_step"]  # LUME lengths are mixed
-    assert training["tokens_per_second"] * training["gnm_step_seconds"] == pytest.approx(
-        training["policy_tokens_per_step"]
-    )
+    # (tokens per second and model FLOPs against a hand count: test_training_figures_from_a_hand_count)
     assert training["policy_tokens_per_step"] < training["real_tokens_per_step"]  # the reference's tokens on top
     use = training["utilisation"]
-    assert use["achieved_model_tflops"] == pytest.approx(use["model_tflops_per_step"] / training["gnm_step_seconds"])
     assert use["mfu"] is None and training["peak_memory_mib"] is None  # a CPU: no peak FLOPS, no CUDA memory
     memory = summary["figures"]["c"]["variants"]
     assert set(memory) == set(speed.MEMORY_VARIANTS)
@@ -73,6 +72,71 @@ def test_smoke_preset_writes_every_figure(tmp_path, capsys):
     assert set(summary["verdicts"]) == {"a", "a'", "a''", "b", "c", "c'", "c''", "d", "e"}
     printed = capsys.readouterr().out
     assert summary["table"] in printed and "| d |" in printed
+
+
+def hand_group(lengths: list[int], padded_to: int, seed: int) -> dict:
+    """A right-padded group of sequences of `lengths` real tokens, the last 2 of each the completion."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    group = {key: torch.zeros(len(lengths), padded_to, dtype=torch.long)
+             for key in ("input_ids", "attention_mask", "completion_mask")}  # fmt: skip
+    for row, length in enumerate(lengths):
+        group["input_ids"][row, :length] = torch.randint(4, 100, (length,), generator=generator)
+        group["attention_mask"][row, :length] = 1
+        group["completion_mask"][row, length - 2 : length] = 1
+    return group
+
+
+def test_training_figures_from_a_hand_count(tmp_path, monkeypatch):
+    """(a)'s tokens per second and model FLOPs from steps whose sequences and times are set by hand (the two trainer
+    runs replaced, the floor and the published loop run for real on the tiny model): only the measured steps count,
+    padding never does, the reference reads the retain sequences only, and the time is the default step's."""
+    from dataclasses import replace
+
+    # Real tokens per step: forget + retain + negative for the policy, retain for the reference. Step 0 is the
+    # warm-up (long sequences, a slow step): it must not count. Groups are padded well past their lengths.
+    lengths = [  # (forget, retain, negative) real lengths per step
+        ([9, 9], [9, 9], [9, 9]),
+        ([5, 3], [4, 6], [5, 2]),  # policy 25, reference 10
+        ([6, 5], [2, 3], [4, 4]),  # policy 24, reference 5
+    ]
+    steps = [{name: hand_group(group, 12, seed=10 * step + i) for i, (name, group) in
+              enumerate(zip(("forget", "retain", "negative"), groups))} for step, groups in enumerate(lengths)]
+    seconds = {False: [9.0, 4.0, 6.0], None: [9.0, 2.0, 3.0]}  # padded run, default run: measured means 5.0 and 2.5
+    models = []
+
+    def fake_run(model, padding_free, setup, device, record_groups=False, after_step=None):
+        from peft import get_peft_model
+
+        models.append(model)
+        trained = get_peft_model(model, training_module.lora_config())
+        for step in range(len(steps)):
+            if after_step is not None:
+                after_step(step, trained)
+        return TrainerRun(layout=str(padding_free), step_seconds=seconds[padding_free], computed_tokens=[100] * 3,
+                          losses=[1.0, 2.0, 3.0], groups=steps if record_groups else [], peak_memory_mib=[])
+
+    monkeypatch.setattr(training_module, "run_trainer", fake_run)
+    forget = list(load_unlearning_data(fact_rows("forget", 0, 4), "forget"))
+    retain = list(load_unlearning_data(fact_rows("retain", 4, 8), "retain"))
+    preset = replace(PRESETS["smoke"], train_rows=4, train_batch_size=2, warmup_steps=1, measured_steps=2)
+    figures, _ = training_module.measure_training(preset, Data("hand", forget, retain, [], []), "cpu", str(tmp_path),
+                                                  None)  # fmt: skip
+
+    assert figures["policy_tokens_per_step"] == (25 + 24) / 2
+    assert figures["real_tokens_per_step"] == (25 + 10 + 24 + 5) / 2
+    assert figures["gnm_step_seconds"] == 2.5 and figures["tokens_per_second"] == pytest.approx(24.5 / 2.5)
+    assert figures["padded_tokens_per_second"] == pytest.approx(24.5 / 5.0)
+    assert figures["gnm_seconds_per_example"] == pytest.approx(2.5 / 2) and figures["packing_speedup"] == 2.0
+    # The tiny Llama's linear weights by hand (hidden 64, MLP 128, 2 layers, 2 heads, no grouped KV; the LM head),
+    # 4 FLOPs per weight per policy token (forward and activation gradients of a LoRA step), 2 per reference token.
+    vocab = models[0].config.vocab_size
+    weights = 2 * (4 * 64 * 64 + 3 * 64 * 128) + vocab * 64
+    flops = 4 * weights * 24.5 + 2 * weights * 7.5
+    use = figures["utilisation"]
+    assert use["model_tflops_per_step"] == pytest.approx(flops / 1e12)
+    assert use["achieved_model_tflops"] == pytest.approx(flops / 1e12 / 2.5)
 
 
 def test_only_and_bad_arguments(tmp_path):

@@ -261,20 +261,33 @@ def test_adalora_under_zero3_is_a_clear_error(tiny_model, tiny_tokenizer, tmp_pa
 
 
 def test_saving_adapter_tokenizer_and_merged_weights(tiny_model, tiny_tokenizer, tmp_path):
+    untrained = copy.deepcopy(tiny_model).eval()  # the base before PEFT wraps it in place
     trainer = make_trainer(tiny_model, tiny_tokenizer, tmp_path, peft=LoraConfig(**LORA), loss_terms=["ga", "klr"], learning_rate=5e-2)
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
-    reloaded = PeftModel.from_pretrained(copy.deepcopy(trainer.model.get_base_model()), str(tmp_path / "adapter"))
-    AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))
+    # The saved adapter loaded over a fresh copy of the untrained base, as a user would.
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(untrained), str(tmp_path / "adapter")).eval()
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "adapter")).get_vocab() == tiny_tokenizer.get_vocab()
     trainer.args.merge_adapters = True
     trainer.save_model(str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     ids = tokenizer("Where was Borin Tal born?", return_tensors="pt").input_ids
     trainer.model.eval()
+
+    # Every trained adapter weight came back exactly (fp32 safetensors), under the same module names.
+    trained = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    loaded = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert trained and trained.keys() == loaded.keys()
+    assert all(torch.equal(loaded[name], weight) for name, weight in trained.items())
+    # LoRA's B starts at zero: training moved it, so the comparison above is not of two untouched adapters.
+    assert all(weight.abs().max() > 0 for name, weight in trained.items() if "lora_B" in name)
     with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5)
-        assert reloaded is not None
+        expected = trainer.model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        # ...and the trained outputs are not the untrained base's: the saved files hold the training.
+        assert (expected - untrained(input_ids=ids).logits).abs().max() > 1e-2
     assert isinstance(trainer.model, PeftModel)  # the trained model is still usable after a merged save
 
 
@@ -335,7 +348,10 @@ def test_unlearning_forgets_the_forget_set_and_keeps_the_retain_set(memorised, t
     forget_before, retain_before, negative_before = before
     forget_after, retain_after, negative_after = after
     assert forget_after > forget_before + 1.0, (before, after)
-    assert retain_after < retain_before + 0.5, (before, after)  # the retain set stays memorised (NLL within 0.5 nats)
+    # The retain set stays memorised: its NLL starts near 0 (0.009 nats per token), so an absolute margin such as
+    # +0.5 nats would let every retain token drop to a probability of 0.6. At most 10x the start (measured 3.5x,
+    # 0.033 nats: a token probability above 0.9); without klr the same run ends at 3.5 nats.
+    assert retain_after < 10 * retain_before, (before, after)
     assert negative_after < negative_before, (before, after)
 
 
