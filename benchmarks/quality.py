@@ -11,7 +11,9 @@ What one run does, in order (every stage is cached in `--output`, so a re-run on
    `synthetic` for the embedded LUME-format set), cut to the preset's documents per task and partition (a
    document's sentence-completion and QA rows stay together). Every LUME document left out is pretraining text,
    except a few per task held out to measure the target (the GPU preset keeps about half of LUME for the benchmark
-   and pretrains on the other half; LUME is the only text of its kinds on these machines).
+   and pretrains on the other half; LUME is the only text of its kinds on these machines). A preset that the data
+   cannot fill (documents per task and partition, MIA non-members, held-out and pretraining documents) stops here,
+   in one line, before anything is built (`preset_shortfalls`): `--data synthetic` fills the smoke preset only.
 2. Target: `make_target` pretrains a tiny Llama on that text, then fine-tunes it until it memorises the forget and
    retain rows of both partitions and the MIA member documents, as the organisers fine-tuned a pretrained OLMo.
    Its report: mean NLL of members, non-members and held-out documents of each task, against uniform guessing.
@@ -67,9 +69,25 @@ SYNTHETIC = "synthetic"
 
 
 @dataclass(frozen=True)
+class MergedAdapter:
+    """One adapter of a merged method (ZJUKLAB): its loss weights, and its per-device batch as a share of the preset's.
+    Every adapter reads as many examples as `max_steps` steps at the preset's batch (the same epochs), so an adapter
+    at half the batch takes twice the steps (`adapter_budget`)."""
+
+    weights: tuple[tuple[str, float], ...]
+    batch_share: float = 1.0
+
+
+def adapter_budget(adapter: MergedAdapter, batch_size: int, max_steps: int) -> tuple[int, int]:
+    """(per-device batch, optimizer steps) of one merged adapter in a run of `max_steps` steps of `batch_size`."""
+    batch = max(1, round(batch_size * adapter.batch_share))
+    return batch, max(1, round(max_steps * batch_size / batch))
+
+
+@dataclass(frozen=True)
 class Method:
     """One unlearning method: its loss terms, weights that differ from GNMConfig's defaults, its negatives, other
-    GNMConfig settings, the layers LoRA adapts, and (ZJUKLAB) the step budgets of the two adapters it merges."""
+    GNMConfig settings, the layers LoRA adapts, and (ZJUKLAB) the adapters it merges."""
 
     name: str
     loss_terms: tuple[str, ...]
@@ -78,8 +96,8 @@ class Method:
     grid: tuple["Method", ...] = ()  # variants (loss terms, weights) tried on validation; the best is kept
     options: tuple[tuple[str, object], ...] = ()  # other GNMConfig fields
     lora_layers: tuple[int, ...] | None = None  # None: every layer
-    # ZJUKLAB: the adapters merged with TIES, each (share of the steps, its weights); the first over-forgets
-    merged: tuple[tuple[float, tuple[tuple[str, float], ...]], ...] = ()
+    # ZJUKLAB: the adapters merged with TIES (weights, batch share); the first over-forgets
+    merged: tuple[MergedAdapter, ...] = ()
     # An ablation of another method's choice, added to measure one of its parts: reported, never recommended
     ablation: bool = False
 
@@ -152,10 +170,12 @@ METHODS = (
     # AILS-NTUA (1st): gradient difference, the forget set in 4 disjoint chunks unlearned in turn.
     Method("Chunked GA+GD (AILS-NTUA)", ("ga", "gd"), weights=(("ga", 1.0), ("gd", 1.0)),
            options=(("forget_chunks", 4), ("epochs_per_chunk", 3))),
-    # ZJUKLAB (2nd): an over- and an under-forgetting NPO+GD+KL adapter merged with TIES (their code: weights
-    # 0.4/0.4/0.2 for 800 steps and 0.3/0.3/0.4 for 400).
+    # ZJUKLAB (2nd): an over- and an under-forgetting NPO+GD+KL adapter merged with TIES. Their code
+    # (zjunlp/unlearn, semeval25/unlearn-merging.py) trains both for 5 epochs: NPO/KL/GD 0.4/0.4/0.2 at batch 1 and
+    # 0.3/0.3/0.4 at batch 2, so the first takes twice the steps; here the first at half the preset's batch.
     Method("Merged NPO+GD+KL (ZJUKLAB)", ("npo", "gd", "klr"),
-           merged=((1.0, (("gd", 0.2), ("klr", 0.4), ("npo", 0.4))), (0.5, (("gd", 0.4), ("klr", 0.3), ("npo", 0.3))))),
+           merged=(MergedAdapter((("gd", 0.2), ("klr", 0.4), ("npo", 0.4)), batch_share=0.5),
+                   MergedAdapter((("gd", 0.4), ("klr", 0.3), ("npo", 0.3))))),
     # SHA256: only the first layers adapted (0-5 of OLMo-7B's 32; here layer 0 of 4), gradient difference.
     Method("Layer-selective GA+GD (SHA256)", ("ga", "gd"), weights=(("ga", 1.0), ("gd", 1.0)), lora_layers=(0,)),
     # Distillation of the forget documents to the base model (the target before it read them), with retain descent:
@@ -294,13 +314,62 @@ def lume_subset(source, documents: dict, seed: int = 0, heldout_per_task: int = 
     return subset
 
 
-def build_target(preset: Preset, data_source: str, output: str) -> str:
+def load_benchmark_data(data_source: str) -> dict[str, list[dict]]:
+    """The LUME-format data of `--data` (a folder, a Hub id, or `synthetic`), as `load_target_data` reads it."""
     from gnm_trainer.data.synthetic import make_synthetic_lume
+    from gnm_trainer.target import load_target_data
+
+    return load_target_data(make_synthetic_lume(seed=0) if data_source == SYNTHETIC else data_source)
+
+
+def preset_shortfalls(preset: Preset, data: dict, subset: dict, uses_base: bool) -> list[str]:
+    """What a run of `preset` needs that `data` (`load_benchmark_data`) cannot give, one phrase each; `subset` is
+    `lume_subset`'s cut of it. Empty: the data fills the preset."""
+    from gnm_trainer.target import document_key
+
+    shortfalls = []
+    for key in ("forget_train", "retain_train", "forget_validation", "retain_validation"):
+        wanted = preset.documents.get(key.split("_")[1]) or {}
+        short = []
+        for task, count in sorted(wanted.items()):
+            have = len({document_key(row["id"]) for row in data.get(key, []) if row["task"] == task})
+            if count is not None and have < count:
+                short.append(f"{task} {count} documents (it has {have})")
+        if short:
+            shortfalls.append(f"{key}: {', '.join(short)}")
+    needed = 2 * preset.mia_nonmembers + preset.heldout_documents
+    have = len(data.get("mia_nonmember", []))
+    if have < needed:
+        shortfalls.append(f"MIA non-members: {needed} ({preset.mia_nonmembers} attacked, {preset.heldout_documents} "
+                          f"held out for the utility proxy, {preset.mia_nonmembers} for validation and the membership "
+                          f"reference; it has {have})")
+    if not subset.get("mia_member"):
+        shortfalls.append("MIA members among the kept forget documents (it has none)")
+    tasks = sorted({row["task"] for key in ("forget_train", "retain_train") for row in data.get(key, [])})
+    heldout = [sum(row["task"] == task for row in subset.get("heldout", [])) for task in tasks]
+    if preset.heldout_per_task and any(count < preset.heldout_per_task for count in heldout):
+        shortfalls.append(f"documents in no kept split, held out to measure the target: {preset.heldout_per_task} per "
+                          f"task (it has {', '.join(f'{t} {n}' for t, n in zip(tasks, heldout))})")
+    if uses_base and not subset.get("pretraining"):
+        shortfalls.append("documents left for pretraining the base model that `klb` needs (it has none)")
+    return shortfalls
+
+
+def check_preset_fits(preset_name: str, data_name: str, shortfalls: list[str]) -> None:
+    """One line, before anything is built, when the data cannot fill the preset."""
+    if shortfalls:
+        raise SystemExit(
+            f"quality: --preset {preset_name} needs more than --data {data_name} holds: {'; '.join(shortfalls)}. "
+            f"Nothing was run: use --preset smoke (the preset small data fills), or a larger --data (LUME: a folder "
+            f"such as ../shared/data/lume, or {LUME_HUB_ID})"
+        )
+
+
+def build_target(preset: Preset, subset: dict[str, list[dict]], output: str) -> str:
+    """The target of `preset` made from `subset` (`lume_subset`), its held-out documents written beside it."""
     from gnm_trainer.target import make_target
 
-    if data_source == SYNTHETIC:
-        data_source = make_synthetic_lume(seed=0)
-    subset = lume_subset(data_source, preset.documents, heldout_per_task=preset.heldout_per_task)
+    subset = dict(subset)
     atomic_write_jsonl(os.path.join(output, "heldout_documents.jsonl"), subset.pop("heldout"))
     return make_target(subset, output_dir=os.path.join(output, "target"), seed=0, progress=True, **preset.target)
 
@@ -445,9 +514,10 @@ def job_fingerprint(job: Job, preset: Preset, target_fingerprint: str) -> str:
 
 
 def unlearn(model, tokenizer, method: Method, weights, partition: str, seed: int, max_steps: int, preset: Preset,
-            workspace: Workspace, scratch: str, callbacks=()):
+            workspace: Workspace, scratch: str, callbacks=(), batch_size: int | None = None):
     """One unlearning run of `method` on `partition`'s forget rows (LoRA, constant learning rate, collapse guard
-    off so that a collapse shows); returns the trainer after training."""
+    off so that a collapse shows; per-device batch `batch_size`, else the preset's); returns the trainer after
+    training."""
     from peft import LoraConfig
 
     from gnm_trainer import GNMConfig, GNMTrainer
@@ -464,7 +534,7 @@ def unlearn(model, tokenizer, method: Method, weights, partition: str, seed: int
         **({"base_model": workspace.base_model_dir} if "klb" in method.loss_terms else {}),
         max_steps=max_steps,
         max_prompt_length=384,  # long Task1/Task3 prompts are cut from the left, leaving room for the completion
-        per_device_train_batch_size=preset.batch_size,
+        per_device_train_batch_size=batch_size or preset.batch_size,
         learning_rate=preset.learning_rate,
         lr_scheduler_type="constant",  # the state at step s is what a run of s steps ends with (but for gnm's schedule)
         logging_steps=max(1, preset.eval_every),
@@ -611,19 +681,20 @@ def unlearn_keeping_best_membership(job: Job, preset: Preset, workspace: Workspa
 
 
 def merged_model(job: Job, preset: Preset, workspace: Workspace, tokenizer, scratch: str):
-    """ZJUKLAB's recipe: one adapter per entry of `job.method.merged` (its share of `job.max_steps`, its weights),
-    merged with TIES by `gnm_trainer.merging.merge_adapters` (its defaults); the merged model."""
+    """ZJUKLAB's recipe: one adapter per entry of `job.method.merged` (its weights, at its share of the batch for the
+    epochs of `job.max_steps` steps: `adapter_budget`), merged with TIES by `gnm_trainer.merging.merge_adapters` (its
+    defaults); the merged model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from gnm_trainer.merging import merge_adapters
 
     sources = []
-    for index, (fraction, weights) in enumerate(job.method.merged):
-        steps = max(1, round(fraction * job.max_steps))
+    for index, adapter in enumerate(job.method.merged):
+        batch, steps = adapter_budget(adapter, preset.batch_size, job.max_steps)
         model = AutoModelForCausalLM.from_pretrained(workspace.target_dir)
-        trainer = unlearn(model, tokenizer, job.method, weights, job.partition, job.seed, steps, preset, workspace,
-                          os.path.join(scratch, f"run{index}"))
+        trainer = unlearn(model, tokenizer, job.method, adapter.weights, job.partition, job.seed, steps, preset,
+                          workspace, os.path.join(scratch, f"run{index}"), batch_size=batch)
         sources.append(os.path.join(scratch, f"adapter{index}"))
         trainer.model.save_pretrained(sources[-1])
         tokenizer.save_pretrained(sources[-1])
@@ -729,6 +800,13 @@ def choose_on_validation(records: list[dict], target_retain_knowledge: float = 1
               or [i for i, row in enumerate(table) if not row["collapsed"]] or list(range(len(table))))
     best = max(usable, key=lambda i: (table[i]["final"], -table[i]["step"], -i))
     return {**table[best], "table": table}
+
+
+def recommendable(methods: list[Method], choices: dict[str, dict]) -> dict[str, dict]:
+    """The choices the recommended recipe may come from: it keeps a step of one run on membership, so neither an
+    ablation nor a merge of two runs (whose model is measured once, after the merge); all when none is left."""
+    candidates = {method.name: choices[method.name] for method in methods if not (method.ablation or method.merged)}
+    return candidates or choices
 
 
 def recommend(choices: dict[str, dict]) -> str:
@@ -879,6 +957,10 @@ def run_methods(names: str | None, kept_names: str, preset: Preset) -> tuple[lis
     """The methods of a run (`--methods`, plus those of `--kept_on_membership` not in it) and the names of those
     kept on membership."""
     kept = select_methods(kept_names, preset, "--kept_on_membership") if kept_names else []
+    merged = [method.name for method in kept if method.merged]
+    if merged:  # the step rule keeps a step of one run; a merge of two runs has none (run_job merges, then measures)
+        raise SystemExit(f"--kept_on_membership: {merged} merge two runs, so no step of theirs can be kept on "
+                         "membership; name methods of one run")
     methods = [method for method in METHODS if method in {*select_methods(names, preset), *kept}]
     return methods, tuple(method.name for method in kept)
 
@@ -940,6 +1022,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     stage_seconds: dict[str, float] = {}
     wall_start = stage_start = time.perf_counter()
+    uses_base = any("klb" in variant.loss_terms for method in methods for variant in method_candidates(method, preset))
+    data = load_benchmark_data(data_source)
+    subset = lume_subset(data, preset.documents, heldout_per_task=preset.heldout_per_task)
+    check_preset_fits(args.preset, args.data or data_source, preset_shortfalls(preset, data, subset, uses_base))
     os.makedirs(output, exist_ok=True)
 
     def stage_done(name: str) -> None:
@@ -948,10 +1034,9 @@ def main(argv=None) -> dict:
         stage_start = time.perf_counter()
 
     print(f"[quality] target ({args.preset} preset, data: {data_source})", flush=True)
-    target_dir = build_target(preset, data_source, output)
+    target_dir = build_target(preset, subset, output)
     target_info = read_json_file(os.path.join(target_dir, "target_info.json"), "target info")
     workspace = Workspace(output, target_dir)
-    uses_base = any("klb" in variant.loss_terms for method in methods for variant in method_candidates(method, preset))
     if uses_base and not os.path.isdir(workspace.base_model_dir):
         raise SystemExit(f"{workspace.base_model_dir}: not found, and the `klb` term needs the target's pretrained "
                          f"checkpoint (a target built before make_target saved it): delete {target_dir} to rebuild it")
@@ -970,8 +1055,7 @@ def main(argv=None) -> dict:
         print(f"[quality] {name}: chosen on validation {choice['weights']} at step {choice['step']} "
               f"(validation final {choice['final']:.3f})", flush=True)
     stage_done("validation runs")
-    candidates = {method.name: choices[method.name] for method in methods if not method.ablation}
-    recommended = recommend(candidates or choices)
+    recommended = recommend(recommendable(methods, choices))
     comparison = train_jobs(preset, methods, choices, target_info["rows"], recommended, kept_on_membership)
     records, ran_train = run_jobs(comparison, preset, workspace, target_info["fingerprint"], args.workers, threads)
     stage_done("comparison runs")
@@ -982,7 +1066,8 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "preset_settings": asdict(preset), "data": data_source,
         "methods": {method.name: {"loss_terms": list(method.loss_terms), "options": dict(method.options),
-                                  "lora_layers": method.lora_layers, "merged": method.merged,
+                                  "lora_layers": method.lora_layers,
+                                  "merged": [asdict(adapter) for adapter in method.merged],
                                   "negatives": method.negatives, "ablation": method.ablation} for method in methods},
         "target": {key: target_info.get(key) for key in ("parameters", "rows", "epochs", "memorised", "memorisation",
                                                          "wall_time_s", "config", "pretraining")},

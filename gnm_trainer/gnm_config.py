@@ -66,9 +66,12 @@ class GNMConfig(TrainingArguments):
         npo_beta (`float`, defaults to `0.1`):
             β of NPO.
         simnpo_beta (`float`, defaults to `4.5`), simnpo_delta (`float`, defaults to `0.0`):
-            SimNPO's loss per forget sequence is −(2/β)·log σ(β·(NLL_mean − δ)). δ is the margin in nats on the mean
-            NLL, open-unlearning's convention; the paper's γ is β·δ. The defaults are open-unlearning's SimNPO config
-            (β 4.5, δ 0); the paper tunes β and γ per benchmark.
+            SimNPO's loss per forget sequence is −(2/β)·log σ(β·(NLL_mean − δ)), NLL_mean the completion's mean token
+            NLL. δ is a margin in nats on the mean NLL: the `gamma` of the authors' code (OPTML-Group/Unlearn-Simple,
+            which subtracts it from the mean NLL before multiplying by β) and open-unlearning's `delta`, so a γ
+            published with their configs is `simnpo_delta` as is (MUSE: β 0.7, γ 0 to 3; TOFU: γ 0). The paper prints
+            the margin outside β, −(2/β)·log σ(β·NLL_mean − γ): its γ is β·δ. The defaults are open-unlearning's SimNPO
+            config (β 4.5, δ 0).
         klf_cap (`float` or `None`, defaults to `5.0`):
             The `klf` term is −min(KL, cap) per sequence: the KL ascent stops pushing once a sequence is this far from
             the reference. `None` removes the cap (unbounded; not recommended).
@@ -109,14 +112,15 @@ class GNMConfig(TrainingArguments):
         padding_free (`bool` or `None`, defaults to `None`):
             Train on packed rows: the sequences of a step (and of its reference pass) concatenated without padding,
             `position_ids` restarting at 0 for each, from which transformers builds a block-diagonal causal mask
-            (sdpa, eager, flex attention; FlashAttention's variable-length kernel). Every loss term has the same
+            (sdpa, eager, flex attention); under FlashAttention all of them in one row with their bounds as
+            `cu_seq_lens_*` (its variable-length kernel reads packed sequences only in a batch of one row). Every loss term has the same
             value as padded. `None` packs when the model supports it (a decoder-only model whose attention builds its
             mask from `position_ids`, with one of those attention implementations) and otherwise pads, said once in
             the log; `True` requires packing (an error when unsupported); `False` pads, as `forward_passes` says.
             Decided from the model alone, so every process decides the same.
         max_packed_length (`int` or `None`, defaults to `None`):
             The most tokens in one packed row, or the longest sequence of the step when it is longer (rows are padded
-            to a common length). `None`: 512. On CPU, rows longer than the longest sequence cost more in attention
+            to a common length). Not used under FlashAttention, which packs everything into one row. `None`: 512. On CPU, rows longer than the longest sequence cost more in attention
             than the few filler tokens they save (docs/performance.md, "Packed rows").
         dataset_num_proc (`int` or `None`):
             Processes used to tokenise the datasets.
@@ -137,9 +141,10 @@ class GNMConfig(TrainingArguments):
             checkpoint saved before the collapse. Said in the log, the log history and the run's manifest.
         collapse_guard_action (`str`, defaults to `"rollback"`): `rollback` or `stop`.
         collapse_retain_nll_ratio (`float`, defaults to `3.0`), collapse_min_retain_nll_increase (`float`, defaults
-        to `2.0`), collapse_warmup (`int`, defaults to `1`: observations averaged into the starting value),
-        collapse_window (`int`, defaults to `5`: the retain NLL compared is the mean of the last 5 steps, so that one
-        hard batch is not taken for a collapse; NaN/inf stops at once).
+        to `2.0`), collapse_warmup (`int`, defaults to `1`: optimizer steps averaged into the starting value),
+        collapse_window (`int`, defaults to `5`: the retain NLL compared is the mean of the last 5 optimizer steps, so
+        that one hard batch is not taken for a collapse; NaN/inf stops at the end of its step). Both count optimizer
+        steps, each the mean of its micro-batches, whatever `gradient_accumulation_steps`.
 
     Parameters that control the model:
 
@@ -173,7 +178,11 @@ class GNMConfig(TrainingArguments):
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
     simnpo_beta: float = field(default=4.5, metadata={"help": "β of SimNPO (open-unlearning's 4.5)."})
     simnpo_delta: float = field(
-        default=0.0, metadata={"help": "SimNPO's margin δ in nats on the mean forget NLL (the paper's γ = β·δ)."}
+        default=0.0,
+        metadata={
+            "help": "SimNPO's margin δ in nats on the mean forget NLL: the gamma of the authors' code (Unlearn-Simple) "
+            "and open-unlearning's delta, so their published gamma goes here as is; the paper's printed γ is β·δ."
+        },
     )
     klf_cap: float | None = field(
         default=5.0, metadata={"help": "Cap of the forget KL per sequence (nats); None for no cap."}
@@ -242,9 +251,14 @@ class GNMConfig(TrainingArguments):
     collapse_min_retain_nll_increase: float = field(
         default=2.0, metadata={"help": "...and has grown by more than this many nats."}
     )
-    collapse_warmup: int = field(default=1, metadata={"help": "Steps averaged into the starting retain NLL."})
+    collapse_warmup: int = field(
+        default=1, metadata={"help": "Optimizer steps averaged into the starting retain NLL (not micro-batches)."}
+    )
     collapse_window: int = field(
-        default=5, metadata={"help": "Steps averaged into the retain NLL compared with the threshold."}
+        default=5,
+        metadata={
+            "help": "Optimizer steps averaged into the retain NLL compared with the threshold (not micro-batches)."
+        },
     )
     # ---- model ----
     disable_dropout: bool = field(
@@ -264,9 +278,11 @@ class GNMConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the tokenised columns."}
     )
-    dataloader_pin_memory: bool = field(
-        default_factory=has_accelerator,
-        metadata={"help": "Pin memory in data loaders; off by default without a GPU (pinning there only warns)."},
+    # None, not a default_factory: transformers' argument parser gives a bool field without a plain default the
+    # default False, so `gnm unlearn` would never pin memory on a GPU.
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin memory in data loaders; None: when there is a GPU (pinning without one only warns)."},
     )
 
     def __post_init__(self):
@@ -327,6 +343,8 @@ class GNMConfig(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise GNMInputError("remove_unused_columns: must be False for GNMTrainer (the collator needs its columns)")
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = has_accelerator()
         from .distributed import apply_cpu_launch_defaults
 
         apply_cpu_launch_defaults(self)  # a multi-process launch without GPUs needs use_cpu (DDP) or gloo (DeepSpeed)

@@ -333,24 +333,16 @@ class GNMTrainer(Trainer):
 
     @staticmethod
     def _wrap_peft(model, peft_config, args: GNMConfig, num_forget_examples: int):
-        import dataclasses
-
-        from peft import AdaLoraConfig, get_peft_model
+        """`model` wrapped by PEFT, its settings checked against the model and the run first (`peft_checks`)."""
+        from .peft_checks import prepare_peft_config, wrap_model
 
         if is_peft_model(model):
             raise GNMInputError("peft_config: the model is already a PEFT model; pass the base model or no peft_config")
-        if isinstance(peft_config, AdaLoraConfig):
-            total_step = training_length(args, num_forget_examples)
-            if peft_config.total_step not in (None, total_step):
-                logger.warning("AdaLoRA total_step %s replaced by the training length %s.", peft_config.total_step, total_step)
-            peft_config = dataclasses.replace(peft_config, total_step=total_step)
-        check_layers_to_transform(peft_config, model)
+        total_steps = training_length(args, num_forget_examples)
+        peft_config = prepare_peft_config(peft_config, model, total_steps, args.disable_dropout)
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        try:
-            return get_peft_model(model, peft_config)
-        except ValueError as error:  # PEFT's NoMatchingPeftModuleError and config checks: a wrong setting
-            raise GNMInputError(f"peft_config: {error}") from error
+        return wrap_model(model, peft_config)
 
     def _schedule(self, forget_examples, args: GNMConfig):
         """The train dataset's examples: the forget examples, or with `forget_chunks`/`epochs_per_chunk` every block
@@ -548,9 +540,8 @@ class GNMTrainer(Trainer):
         *sums, count = stacked.tolist()  # the same on every process: every rank's guard decides the same
         for name, total in zip(names, sums):
             self._metrics[mode][name].append((total, count))
-        if mode == "train" and self.collapse_guard is not None:
-            means = {name: total / count for name, total in zip(names, sums)}
-            self.collapse_guard.observe(self.state.global_step, means)
+        if mode == "train" and self.collapse_guard is not None:  # observed per optimizer step, at its end
+            self.collapse_guard.add_micro_batch(self.state.global_step, dict(zip(names, sums)), count)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -673,22 +664,6 @@ def check_forget_chunks(args: GNMConfig, num_forget_rows: int) -> None:
         raise GNMInputError(
             f"forget_chunks: {args.forget_chunks} chunks but the forget set has {num_forget_rows} rows; expected at "
             f"most {num_forget_rows}"
-        )
-
-
-def check_layers_to_transform(peft_config, model) -> None:
-    """A one-line error naming the option when PEFT's `layers_to_transform` picks a layer the model does not have
-    (PEFT itself skips such an index silently, or fails only when no layer at all matches)."""
-    layers = getattr(peft_config, "layers_to_transform", None)
-    if layers is None:
-        return
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    outside = [index for index in layers if num_layers is not None and not 0 <= index < num_layers]
-    if outside:
-        raise GNMInputError(
-            f"lora_layers_to_transform (peft_config.layers_to_transform): layer(s) {outside} outside the model's "
-            f"{num_layers} layers; expected indices from 0 to {num_layers - 1}"
         )
 
 

@@ -2,16 +2,20 @@
 
 Gradient ascent has no floor: a run that is too aggressive destroys the model's general ability, which shows as a
 retain-set NLL that climbs far above where it started, or as a loss that becomes NaN or infinite. The guard is fed
-the values the trainer already computes on every micro-batch (`observe`), so it does not depend on `logging_steps`.
+the values the trainer already computes on every micro-batch (`add_micro_batch`, summed over processes, so every
+process decides the same), so it does not depend on `logging_steps`; it observes them once per optimizer step, the
+step's micro-batches averaged (`observe`), so that `warmup` and `window` count optimizer steps whatever the gradient
+accumulation.
 
 Collapse, for the weights after `step` optimizer updates, is any observed value that is NaN or infinite, or
 
     nll_retain > max(max_retain_nll_ratio × reference, reference + min_retain_nll_increase)
 
-where `reference` is the mean retain NLL of the first `warmup` observations (the absolute floor keeps a near-zero,
-memorised retain NLL from tripping on noise). On collapse the guard stops training, logs a warning, records the event
-(`events`, `state.log_history`), and with `action="rollback"` reloads the newest checkpoint in `output_dir` saved
-before the collapse, so that the final `save_model` writes the last good weights.
+where `reference` is the mean retain NLL of the first `warmup` optimizer steps and `nll_retain` the mean of the last
+`window` steps (the absolute floor keeps a near-zero, memorised retain NLL from tripping on noise). On collapse the
+guard stops training, logs a warning, records the event (`events`, `state.log_history`), and with
+`action="rollback"` reloads the newest checkpoint in `output_dir` saved before the collapse, so that the final
+`save_model` writes the last good weights.
 """
 
 import collections
@@ -56,9 +60,9 @@ class CollapseGuard(TrainerCallback):
     Args:
         max_retain_nll_ratio: collapse when the retain NLL exceeds this multiple of the reference (> 1).
         min_retain_nll_increase: ... and exceeds the reference by at least this many nats (>= 0).
-        warmup: number of first observations whose mean retain NLL is the reference (>= 1).
-        window: the retain NLL compared with the threshold is the mean of the last `window` observations (>= 1), so
-            one hard batch is not a collapse; a NaN/inf value stops at once.
+        warmup: number of first optimizer steps whose mean retain NLL is the reference (>= 1).
+        window: the retain NLL compared with the threshold is the mean of the last `window` optimizer steps (>= 1),
+            so one hard batch is not a collapse; a NaN/inf value stops at the end of its step.
         action: `rollback` (stop and reload the last checkpoint saved before the collapse; plain stop when there is
             none) or `stop`.
     """
@@ -92,6 +96,9 @@ class CollapseGuard(TrainerCallback):
         self.reference: float | None = None
         self._pending: dict[str, Any] | None = None
         self.observations = 0
+        # The optimizer step being accumulated: its number, and per metric (sum over examples, examples).
+        self._step: int | None = None
+        self._step_sums: dict[str, list[float]] = {}
         self._reference_logged = False
 
     @property
@@ -104,10 +111,30 @@ class CollapseGuard(TrainerCallback):
     # The hook the trainer calls with the values it computed
     # ------------------------------------------------------------------------------------------------------------
 
+    def add_micro_batch(self, step: int, sums: dict[str, float], count: float) -> None:
+        """Add one micro-batch's training values, as sums over its `count` examples (all processes), computed on the
+        weights after `step` optimizer updates (the trainer's `state.global_step` inside `compute_loss`). The step's
+        values are observed at its end (`on_step_end`), or when a micro-batch of a later step arrives."""
+        if self._step is not None and step != self._step:
+            self.end_step()
+        self._step = step
+        for name, total in sums.items():
+            pair = self._step_sums.setdefault(name, [0.0, 0.0])
+            pair[0] += total
+            pair[1] += count
+
+    def end_step(self) -> bool:
+        """Observe the accumulated step (each value's mean over the step's examples); False when there is none."""
+        if self._step is None:
+            return False
+        step, sums = self._step, self._step_sums
+        self._step, self._step_sums = None, {}
+        return self.observe(step, {name: total / count for name, (total, count) in sums.items() if count})
+
     def observe(self, step: int, metrics: dict[str, float]) -> bool:
-        """Check one micro-batch's training values (`nll_retain`, `loss_<term>`, ...), computed on the weights after
-        `step` optimizer updates (the trainer's `state.global_step` inside `compute_loss`). Returns True when these
-        values show a collapse; the stop itself happens at the end of the optimizer step."""
+        """Check one optimizer step's training values (`nll_retain`, `loss_<term>`, ..., each its mean over the step),
+        computed on the weights after `step` optimizer updates. Returns True when these values show a collapse; the
+        stop itself happens at the end of the optimizer step."""
         if self._pending is not None:
             return True
         self.observations += 1
@@ -156,6 +183,7 @@ class CollapseGuard(TrainerCallback):
                 self.reference = logged[-1]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.end_step()
         if self.reference is not None and not self._reference_logged:
             state.log_history.append({"step": state.global_step, LOG_PREFIX + "reference_retain_nll": self.reference})
             self._reference_logged = True

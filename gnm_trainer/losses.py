@@ -126,9 +126,10 @@ def simnpo_loss(forget_nll: torch.Tensor, beta: float, delta: float = 0.0) -> to
     """SimNPO per sequence (Fan et al. 2024, arXiv 2410.07163), NPO without a reference model:
     −(2/β)·log σ(β·(NLL_mean − δ)), written as (2/β)·softplus(−β·(NLL_mean − δ)).
 
-    `forget_nll` is the completion's mean token NLL (`sequence_nll`). The paper writes the margin as
-    −(2/β)·log σ(β·NLL_mean − γ); `delta` is open-unlearning's δ = γ/β, a margin in nats on the mean NLL. Minimising
-    it raises the forget NLL, with a gradient that fades once β·(NLL_mean − δ) is large.
+    `forget_nll` is the completion's mean token NLL (`sequence_nll`). `delta` is a margin in nats on the mean NLL, as
+    the authors' code (Unlearn-Simple: `gamma`, subtracted from the mean NLL before β multiplies it) and open-unlearning
+    (`delta`) have it; the paper prints −(2/β)·log σ(β·NLL_mean − γ), whose γ is β·delta. Minimising it raises the
+    forget NLL, with a gradient that fades once β·(NLL_mean − δ) is large.
     """
     return (2.0 / beta) * F.softplus(-beta * (forget_nll - delta))
 

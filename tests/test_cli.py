@@ -112,11 +112,24 @@ def test_gnm_unlearn_help_shows_our_options_first_and_help_all_shows_everything(
     assert "--lr_scheduler_kwargs" in everything and "--load_in_4bit" in everything and "--loss_terms" in everything
 
 
-def test_no_pinned_memory_without_an_accelerator():
-    from gnm_trainer.distributed import has_accelerator
-    from gnm_trainer.gnm_config import GNMConfig
+@pytest.mark.parametrize(
+    ("accelerator", "flag", "expected"),
+    [(False, [], False),
+     (True, [], True),
+     (True, ["--dataloader_pin_memory", "false"], False), (False, ["--dataloader_pin_memory", "true"], True)],
+    ids=["cpu-default", "accelerator-default", "accelerator-flag-off", "cpu-flag-on"],
+)  # fmt: skip
+def test_gnm_unlearn_pins_memory_only_with_an_accelerator_unless_told(tmp_path, monkeypatch, accelerator, flag,
+                                                                      expected):
+    """Pinned host memory only speeds up copies to an accelerator (on a CPU-only machine torch warns at every
+    DataLoader instead): `gnm unlearn` pins by default exactly when the machine has one, and the flag still decides."""
+    import torch
 
-    assert GNMConfig(output_dir="unused", report_to="none").dataloader_pin_memory == has_accelerator()
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator)
+    argv = ["--model_name_or_path", "m", "--data_dir", "d", "--output_dir", str(tmp_path / "run"),
+            "--report_to", "none", *flag]  # fmt: skip
+    _, training_args, _ = parse_arguments(argv)
+    assert training_args.dataloader_pin_memory is expected
 
 
 def test_a_gnm_unlearn_run_prints_no_pin_memory_or_deprecation_warning(tmp_path, tiny_model, tiny_tokenizer):

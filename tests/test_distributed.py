@@ -494,6 +494,19 @@ def training_entries(run_dir) -> list[dict]:
     return [entry for entry in history if "loss" in entry]
 
 
+def assert_same_training(two, one, workspace, what: str) -> None:
+    """The 2-process run `two` logged the values and left the weights of the 1-process run `one` (relative
+    differences within the SGD tolerances)."""
+    values = relative_value_difference(logged_steps(two), logged_steps(one))
+    weights = relative_update_difference(
+        effective_weights(two, workspace, True), effective_weights(one, workspace, True),
+        effective_weights(None, workspace, True),
+    )  # fmt: skip
+    print(f"\n{what}: logged values {values:.1e}, weights {weights:.1e} (relative)")
+    assert values <= SGD_VALUE_TOLERANCE
+    assert weights <= SGD_WEIGHT_TOLERANCE
+
+
 def test_shards_of_different_sizes_train_like_one_process(seven_rows, launch_env):
     """2 processes whose batches differ in size and length against 1 process on the same examples per step: every
     logged term, NLL, the loss and the gradient norm, and the trained adapter, alike. Each process divides its sum
@@ -504,16 +517,8 @@ def test_shards_of_different_sizes_train_like_one_process(seven_rows, launch_env
     one = one_process_run(workspace, "shards_one", lambda run: sgd_arguments(workspace, run, 4, "--max_steps", "2"))
     two = two_process_run(workspace, launch_env, "shards_two",
                           lambda run: sgd_arguments(workspace, run, 2, "--max_steps", "2", *UNEVEN_BATCHES))
-    steps, baseline_steps = logged_steps(two), logged_steps(one)
-    assert len(steps) == 2 and all(step["grad_norm"] > 0 for step in steps)
-    values = relative_value_difference(steps, baseline_steps)
-    weights = relative_update_difference(
-        effective_weights(two, workspace, True), effective_weights(one, workspace, True),
-        effective_weights(None, workspace, True),
-    )  # fmt: skip
-    print(f"\nshards of 2 and 1 rows: logged values {values:.1e}, weights {weights:.1e} (relative)")
-    assert values <= SGD_VALUE_TOLERANCE
-    assert weights <= SGD_WEIGHT_TOLERANCE
+    assert len(logged_steps(two)) == 2 and all(step["grad_norm"] > 0 for step in logged_steps(two))
+    assert_same_training(two, one, workspace, "shards of 2 and 1 rows")
 
 
 def test_gradient_accumulation_on_two_processes_is_one_update(seven_rows, launch_env):
@@ -525,16 +530,8 @@ def test_gradient_accumulation_on_two_processes_is_one_update(seven_rows, launch
         workspace, run, 2, "--gradient_accumulation_steps", "4", "--max_steps", "2"))
     two = two_process_run(workspace, launch_env, "accumulation_two", lambda run: sgd_arguments(
         workspace, run, 2, "--gradient_accumulation_steps", "2", "--max_steps", "2", *UNEVEN_BATCHES))
-    steps, baseline_steps = logged_steps(two), logged_steps(one)
     assert [entry["epoch"] for entry in training_entries(two)] == [1.0, 2.0]  # one update per pass over the rows
-    values = relative_value_difference(steps, baseline_steps)
-    weights = relative_update_difference(
-        effective_weights(two, workspace, True), effective_weights(one, workspace, True),
-        effective_weights(None, workspace, True),
-    )  # fmt: skip
-    print(f"\naccumulation 2 x 2 processes against 4 x 1: logged values {values:.1e}, weights {weights:.1e}")
-    assert values <= SGD_VALUE_TOLERANCE
-    assert weights <= SGD_WEIGHT_TOLERANCE
+    assert_same_training(two, one, workspace, "accumulation 2 x 2 processes against 4 x 1")
 
 
 def test_without_average_tokens_each_process_takes_its_own_mean(seven_rows, launch_env):

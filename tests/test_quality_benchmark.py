@@ -238,3 +238,77 @@ def test_margins_are_resolved_from_the_reference_level():
     assert dict(resolved.options) == {"simnpo_delta": 5.0, "forget_chunks": 2}
     assert dict(resolved.grid[0].options) == {"simnpo_delta": 6.0}
     assert str(quality.ReferenceMargin(-0.5)) == "referenceminus0.5" != str(quality.ReferenceMargin(0.5))
+
+
+# ---- issue 24: ZJUKLAB's two adapters read the same epochs; a preset the data cannot fill is one line ----------
+
+
+def test_merged_adapters_read_the_same_epochs_the_over_forgetting_one_at_half_the_batch(monkeypatch, tmp_path):
+    """Their code trains both adapters for 5 epochs, the over-forgetting one (NPO/KL/GD 0.4/0.4/0.2) at batch 1 and
+    the under-forgetting one (0.3/0.3/0.4) at batch 2: here at half the preset's batch and at the preset's batch."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    method = next(method for method in quality.METHODS if method.merged)
+    over, under = method.merged
+    assert dict(over.weights) == {"npo": 0.4, "klr": 0.4, "gd": 0.2} and over.batch_share == 0.5
+    assert dict(under.weights) == {"npo": 0.3, "klr": 0.3, "gd": 0.4} and under.batch_share == 1.0
+    calls = []
+
+    class Merging(Exception):
+        pass
+
+    def recorded_unlearn(model, tokenizer, method, weights, partition, seed, max_steps, preset, workspace, scratch,
+                         callbacks=(), batch_size=None):
+        calls.append((dict(weights), batch_size, max_steps))
+        return SimpleNamespace(model=SimpleNamespace(save_pretrained=lambda path: None))
+
+    def merging(*args, **kwargs):
+        raise Merging
+
+    monkeypatch.setattr(quality, "unlearn", recorded_unlearn)
+    monkeypatch.setattr("gnm_trainer.merging.merge_adapters", merging)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: None)
+    preset = quality.PRESETS["cpu"]  # batch 8
+    job = quality.Job("merged", method, 0, "train", max_steps=84, eval_every=21)
+    workspace = quality.Workspace(str(tmp_path), str(tmp_path / "target"))
+    with pytest.raises(Merging):
+        quality.merged_model(job, preset, workspace, SimpleNamespace(save_pretrained=lambda path: None),
+                             str(tmp_path / "scratch"))
+    assert [(weights, batch, steps) for weights, batch, steps in calls] == [
+        (dict(over.weights), 4, 168), (dict(under.weights), 8, 84)]
+    assert len({batch * steps for _, batch, steps in calls}) == 1  # the same examples, so the same epochs
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_a_preset_the_data_cannot_fill_is_one_line_before_any_work(tmp_path, capsys, preset):
+    output = tmp_path / "quality"
+    with pytest.raises(SystemExit) as raised:
+        quality.main(["--preset", preset, "--data", "synthetic", "--output", str(output), "--threads", "1"])
+    message = str(raised.value.code)
+    assert "\n" not in message
+    assert message.startswith(f"quality: --preset {preset} needs more than --data synthetic holds: forget_train: ")
+    assert "MIA non-members: 150" in message and "it has 24)" in message and "use --preset smoke" in message
+    assert not output.exists() and capsys.readouterr().out == ""  # nothing built, nothing said before
+
+
+def test_the_smoke_preset_fits_the_synthetic_data_and_every_preset_fits_lume():
+    cases = [("smoke", "synthetic")]
+    if os.path.isdir(LUME_DIR):
+        cases += [(name, LUME_DIR) for name in ("smoke", "cpu", "gpu")]
+    for name, source in cases:
+        preset = quality.PRESETS[name]
+        data = quality.load_benchmark_data(source)
+        subset = quality.lume_subset(data, preset.documents, heldout_per_task=preset.heldout_per_task)
+        assert quality.preset_shortfalls(preset, data, subset, uses_base=True) == [], (name, source)
+
+
+def test_the_recommended_recipe_never_comes_from_a_merge_of_two_runs(capsys):
+    """The recommended recipe keeps a step of one run on membership; a merged method has no step to keep (the smoke
+    run recommended it once its adapters read the same epochs, and its row had no membership scores)."""
+    methods = [method for method in quality.METHODS if method.name in ("GA", "Merged NPO+GD+KL (ZJUKLAB)")]
+    choices = {"GA": {"eligible": True, "final": 0.2}, "Merged NPO+GD+KL (ZJUKLAB)": {"eligible": True, "final": 0.9}}
+    assert quality.recommend(quality.recommendable(methods, choices)) == "GA"
+    with pytest.raises(SystemExit, match="--kept_on_membership: .*merge two runs"):
+        quality.run_methods(None, "merged-npo-gd-kl-zjuklab", quality.PRESETS["cpu"])

@@ -377,8 +377,10 @@ def run_attacks(
                      "relearn_learning_rate": relearn_learning_rate, "relearn_lora_r": relearn_lora_r,
                      "relearn_batch_size": RELEARN_BATCH_SIZE, "max_new_tokens": max_new_tokens,
                      "target": target if isinstance(target, str) else ("rows" if target is not None else None)},
-        "target-forget-set": forget_scores(rows_of_target) if rows_of_target else None,
-        "unlearned-forget-set": forget_scores(unlearned_rows),
+        # On the rows the attacks score, as `relearn` does on its half: a results file or rows given for the target
+        # or the unlearned model may hold others, which would move their means and so the recovery's denominator.
+        "target-forget-set": forget_scores(rows_of_target, forget_ids) if rows_of_target else None,
+        "unlearned-forget-set": forget_scores(unlearned_rows, forget_ids),
     }
     with full_model_folder(model, tokenizer) as folder:
         for attack in attacks:
