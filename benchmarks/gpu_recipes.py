@@ -11,7 +11,8 @@ CPU (`CUDA_VISIBLE_DEVICES=""`, `--dtype float32 --bf16 false`). Same seed, same
 see the same batches, so their per-step loss terms (logging_steps 1) must agree within bf16's tolerance
 (`BF16_TOLERANCE`). The model is the ~100M-parameter Llama of benchmarks/gpu_distributed.py, built from a config on
 the package's synthetic LUME set (random weights: the check is the arithmetic, not unlearning quality); the
-recommended recipe's base model (`klb`) is the target itself, its membership documents the synthetic set's.
+recommended recipe's base model (`klb`) is the target itself, its membership members the synthetic set's, its
+reference synthetic documents drawn apart from them.
 
 Writes <out>/gpu_recipes.json and <out>/gpu_recipes.md after every run (a run cut short keeps what it measured),
 each run's log to <out>/logs/. `--dry-run` runs the same four runs on a tiny model, the "GPU" run in bf16 on the CPU
@@ -45,6 +46,17 @@ BF16_TOLERANCE = {"absolute": 0.05, "relative": 0.03}
 FP32_CPU_FLAGS = ["--dtype", "float32", "--bf16", "false"]
 
 
+def reference_documents_file(work: str, count: int = 40) -> str:
+    """Synthetic documents of the data's kinds that the target never read, drawn apart from its MIA non-members
+    (`make_reference_documents`): the membership reference, which `gnm unlearn` refuses to be the non-members."""
+    from gnm_trainer.data.synthetic import make_reference_documents
+
+    path = os.path.join(work, "reference.jsonl")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"document": text}) + "\n" for text in make_reference_documents(0, count))
+    return path
+
+
 def recipe_file(name: str, work: str, steps: int) -> str:
     """Recipe `name` with the model, data, base model, membership documents and length of this benchmark: a YAML
     in `work` that `gnm unlearn --config` reads. Everything else (PEFT, precision, batch, loss, optimizer) is the
@@ -63,7 +75,7 @@ def recipe_file(name: str, work: str, steps: int) -> str:
         recipe.update(
             keep_best_membership_steps=every, membership_start_step=every,
             membership_members=os.path.join(work, "data", "mia", "member.jsonl"),
-            membership_reference=os.path.join(work, "data", "mia", "nonmember.jsonl"),
+            membership_reference=reference_documents_file(work),
         )  # fmt: skip
     path = os.path.join(work, "recipes", RECIPES[name])
     os.makedirs(os.path.dirname(path), exist_ok=True)
