@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "distributed_scripts", "gnm_with_report.py")
 CONFIGS = os.path.join(REPO, "accelerate_configs")
 TOLERANCE = 1e-4
-WEIGHT_TOLERANCE = 1e-2  # relative to the size of the update (measured: at most 2.2e-3)
+WEIGHT_TOLERANCE = 1e-2  # relative to the size of the update (measured: at most 2.2e-3 on Intel, 6.75e-3 on AMD EPYC)
 LAUNCH = [
     sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
@@ -220,9 +220,14 @@ def logged_steps(run_dir) -> list[dict[str, float]]:
 
 
 def max_difference(steps, baseline_steps) -> float:
+    """The largest difference of a logged value (loss, term, NLL, grad norm) from the one-process run's, absolute for
+    values below 1 and relative above: float32 rounding of a reduction in another order grows with the value (under
+    ZeRO-2/3, full fine-tuning, a `gnm` term of 6.03 nats differed by 1.02e-4 on an AMD EPYC, 1.7e-5 relative; the
+    absolute bound failed there at 2e7cc9a already)."""
     assert len(steps) == len(baseline_steps) == 3
     assert all(step.keys() == base.keys() for step, base in zip(steps, baseline_steps))
-    return max(abs(step[key] - base[key]) for step, base in zip(steps, baseline_steps) for key in step)
+    return max(abs(step[key] - base[key]) / max(1.0, abs(base[key]))
+               for step, base in zip(steps, baseline_steps) for key in step)
 
 
 def relative_update_difference(weights, baseline_weights, initial_weights) -> float:
