@@ -3,14 +3,14 @@
 Everything runs offline on CPU: the target is the tiny Llama that `make_target` trains (and caches): it first reads
 300 other synthetic documents (its base model, kept in `<target>/pretrained`), then memorises the synthetic
 LUME-format dataset; the negatives come from the model-free backend by default (the tiny target is too small to
-write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses
-the recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with its margin at the mean NLL the target
-gives synthetic reference documents it never read, which no reported figure uses, `klb` towards the base model, `gd` 5 and `gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5,
-`klr` 5, `gnm` 0.04; without pretraining documents there is no base model and the recommended recipe goes without
-`klb`) with LoRA on all linear layers; the recommended recipe trains to 4/3 of `max_steps` and keeps the step, from
-2/3 of it on, at which the forget documents look most like synthetic documents the target never read. Last, the
-attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning on half the forget documents) measure how much of
-what was removed comes back, against the target's scores from step 2.
+write sensible LLM negatives; `negatives_backend="llm"` prompts it anyway, with fallbacks recorded); unlearning uses the
+recommended recipe (`gnm_trainer.recipes.recommended_recipe`: SimNPO with its margin at the mean NLL the target gives
+synthetic reference documents it never read, which no reported figure uses, `klb` towards the base model, `gd` 5 and
+`gnm` 0.2; `recipe="paper"` takes the paper's `ga` 0.5, `klr` 5, `gnm` 0.04; without pretraining documents there is no
+base model and the recommended recipe goes without `klb`) with LoRA on all linear layers; the recommended recipe trains
+to 4/3 of `max_steps` and keeps the step, from 2/3 of it on, at which the forget documents look most like synthetic
+documents the target never read. Last, the attacks of `evaluation.attacks` (8-/4-bit quantisation, relearning on half
+the forget documents) measure how much of what was removed comes back, against the target's scores from step 2.
 """
 
 import json

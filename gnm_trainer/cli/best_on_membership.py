@@ -4,10 +4,10 @@ From `membership_start_step` on, every N optimizer steps and at the end, `Member
 on the forget documents (the training forget set's sentence-completion rows as whole documents, or
 `membership_members`) against `membership_reference`, documents of their kind that the model never read, and the
 step with the best MIA score is the model saved (`<output_dir>/best/` holds it; the manifest names it under
-`best_on_membership`). The reference must not be the documents that the evaluation will use as non-members: a folder given as
-`membership_reference` is read for `reference.jsonl` (never its `nonmember.jsonl`), and reference documents that are
-also the training data's MIA non-members (`<data_dir>/mia/nonmember.jsonl`, what `gnm evaluate --mia_data` reports
-on) are refused, as are validation non-members that are.
+`best_on_membership`). The reference must not be the documents that the evaluation will use as non-members: a folder
+given as `membership_reference` is read for `reference.jsonl` (never its `nonmember.jsonl`), and reference documents
+that are also the training data's MIA non-members (`<data_dir>/mia/nonmember.jsonl`, what `gnm evaluate --mia_data`
+reports on) are refused, as are validation non-members that are.
 """
 
 import os
